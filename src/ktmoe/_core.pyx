@@ -1,0 +1,250 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The only Cython in ktmoe: declarations of the C API, GIL-free calls, C status -> Python exception.
+
+Tensors cross this boundary as raw addresses (ints from torch's data_ptr()); the Python layer checks
+shapes, dtypes and devices before anything reaches here, and keeps the tensors alive."""
+
+from libc.stdint cimport uintptr_t, int64_t
+from libc.stdlib cimport malloc, free
+
+cdef extern from "ktmoe.h" nogil:
+    int KT_OK, KT_EINVAL, KT_ENOMEM, KT_ESTATE, KT_MAX_PARTS, KT_ERRLEN
+    int kt_isa_detected()
+    int kt_isa_active()
+    int kt_isa_set(int level)
+    const char *kt_isa_name(int level)
+    int kt_isa_from_name(const char *name)
+    void kt_cpu_features(char *buf, size_t n)
+    const char *kt_cpu_brand()
+
+    ctypedef struct kt_engine:
+        pass
+    kt_engine *kt_engine_create(int nparts, const int *part_sizes, const int *cpu_ids, char *err)
+    void kt_engine_destroy(kt_engine *eng)
+    int kt_engine_threads(const kt_engine *eng)
+    int kt_engine_parts(const kt_engine *eng)
+
+    ctypedef struct kt_wmat:
+        int fmt
+        const void *data
+        size_t expert_stride
+        size_t row_stride
+    ctypedef struct kt_layer:
+        int E, k, H, I, r
+        float lora_scale
+        int nparts
+        int part_i0[65]
+        kt_wmat gate[64]
+        kt_wmat up[64]
+        kt_wmat down[64]
+        const float *gate_a
+        const float *gate_b
+        const float *up_a
+        const float *up_b
+        const float *down_a
+        const float *down_b
+
+    ctypedef struct kt_ctx:
+        pass
+    kt_ctx *kt_ctx_create()
+    void kt_ctx_destroy(kt_ctx *ctx)
+    size_t kt_ctx_bytes(const kt_ctx *ctx)
+    void kt_ctx_release(kt_ctx *ctx)
+    int kt_plan(kt_ctx *ctx, const kt_layer *L, int T, const void *ids, int ids_is_i32, const void *wts,
+                int wts_is_bf16, char *err)
+    int kt_forward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *x, int x_is_f32, void *out,
+                   int out_is_f32, int save_for_backward, char *err)
+    int kt_backward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *dy, int dy_is_f32, void *dx,
+                    int dx_is_f32, float *dw, float *const grads[6], char *err)
+    double kt_measure_peak_gflops(kt_engine *eng, double seconds)
+    double kt_measure_read_gbps(kt_engine *eng, size_t nbytes)
+
+MAX_PARTS = 64
+ISA_LEVELS = tuple(kt_isa_name(i).decode() for i in range(4))
+
+
+cdef int _raise(int rc, char *err) except -1:
+    msg = err.decode("utf-8", "replace")
+    if rc == KT_EINVAL:
+        raise ValueError(msg)
+    if rc == KT_ENOMEM:
+        raise MemoryError(msg)
+    raise RuntimeError(msg)
+
+
+def isa_detected():
+    return kt_isa_name(kt_isa_detected()).decode()
+
+
+def isa_active():
+    return kt_isa_name(kt_isa_active()).decode()
+
+
+def isa_set(name):
+    """Selects an ISA level by name (capped at what the CPU supports); returns the level in use."""
+    cdef int level = kt_isa_from_name(name.encode())
+    if level < 0:
+        raise ValueError(f"unknown ISA level {name!r}; valid: {', '.join(ISA_LEVELS)}")
+    return kt_isa_name(kt_isa_set(level)).decode()
+
+
+def cpu_features():
+    cdef char buf[512]
+    kt_cpu_features(buf, sizeof(buf))
+    return buf.decode().split()
+
+
+def cpu_brand():
+    return kt_cpu_brand().decode()
+
+
+cdef class Engine:
+    """The thread pool. part_sizes[p] threads in subpool p; cpu_ids one CPU (or -1) per thread."""
+    cdef kt_engine *eng
+
+    def __cinit__(self, part_sizes, cpu_ids):
+        cdef char err[512]
+        cdef int n = len(part_sizes)
+        cdef int total = sum(part_sizes)
+        if len(cpu_ids) != total:
+            raise ValueError(f"cpu_ids has {len(cpu_ids)} entries for {total} threads")
+        cdef int *sizes = <int *>malloc(sizeof(int) * max(n, 1))
+        cdef int *cpus = <int *>malloc(sizeof(int) * max(total, 1))
+        try:
+            for i in range(n):
+                sizes[i] = part_sizes[i]
+            for i in range(total):
+                cpus[i] = cpu_ids[i]
+            err[0] = 0
+            self.eng = kt_engine_create(n, sizes, cpus, err)
+        finally:
+            free(sizes)
+            free(cpus)
+        if self.eng == NULL:
+            raise RuntimeError(err.decode())
+
+    def __dealloc__(self):
+        if self.eng != NULL:
+            kt_engine_destroy(self.eng)
+            self.eng = NULL
+
+    @property
+    def threads(self):
+        return kt_engine_threads(self.eng)
+
+    @property
+    def parts(self):
+        return kt_engine_parts(self.eng)
+
+    def measure_peak_gflops(self, double seconds=0.5):
+        cdef double r
+        with nogil:
+            r = kt_measure_peak_gflops(self.eng, seconds)
+        return r
+
+    def measure_read_gbps(self, size_t nbytes=1 << 30):
+        cdef double r
+        with nogil:
+            r = kt_measure_read_gbps(self.eng, nbytes)
+        return r
+
+
+cdef class Layer:
+    """Dims, weight views per TP part, and LoRA addresses of one MoE layer (no memory is owned)."""
+    cdef kt_layer L
+
+    def __cinit__(self, int E, int k, int H, int I, int r, float lora_scale, part_i0):
+        cdef int P = len(part_i0) - 1
+        if P < 1 or P > 64:
+            raise ValueError(f"number of TP parts must be in [1, 64], got {P}")
+        self.L.E = E
+        self.L.k = k
+        self.L.H = H
+        self.L.I = I
+        self.L.r = r
+        self.L.lora_scale = lora_scale
+        self.L.nparts = P
+        for p in range(P + 1):
+            self.L.part_i0[p] = part_i0[p]
+
+    def set_weight(self, int part, str which, int fmt, uintptr_t data, size_t expert_stride, size_t row_stride):
+        cdef kt_wmat *w
+        if which == "gate":
+            w = &self.L.gate[part]
+        elif which == "up":
+            w = &self.L.up[part]
+        elif which == "down":
+            w = &self.L.down[part]
+        else:
+            raise ValueError(which)
+        w.fmt = fmt
+        w.data = <const void *>data
+        w.expert_stride = expert_stride
+        w.row_stride = row_stride
+
+    def set_lora(self, int r, float scale, uintptr_t ga, uintptr_t gb, uintptr_t ua, uintptr_t ub, uintptr_t da, uintptr_t db):
+        self.L.r = r
+        self.L.lora_scale = scale
+        self.L.gate_a = <const float *>ga
+        self.L.gate_b = <const float *>gb
+        self.L.up_a = <const float *>ua
+        self.L.up_b = <const float *>ub
+        self.L.down_a = <const float *>da
+        self.L.down_b = <const float *>db
+
+
+cdef class Context:
+    """One call's routing plan and saved activations."""
+    cdef kt_ctx *ctx
+
+    def __cinit__(self):
+        self.ctx = kt_ctx_create()
+        if self.ctx == NULL:
+            raise MemoryError("could not allocate a ktmoe context")
+
+    def __dealloc__(self):
+        if self.ctx != NULL:
+            kt_ctx_destroy(self.ctx)
+            self.ctx = NULL
+
+    @property
+    def nbytes(self):
+        return kt_ctx_bytes(self.ctx)
+
+    def release(self):
+        kt_ctx_release(self.ctx)
+
+    def plan(self, Layer layer, int T, uintptr_t ids, bint ids_i32, uintptr_t wts, bint wts_bf16):
+        cdef char err[512]
+        cdef int rc
+        err[0] = 0
+        with nogil:
+            rc = kt_plan(self.ctx, &layer.L, T, <const void *>ids, ids_i32, <const void *>wts, wts_bf16, err)
+        if rc != KT_OK:
+            _raise(rc, err)
+
+    def forward(self, Layer layer, Engine engine, uintptr_t x, bint x_f32, uintptr_t out, bint out_f32, bint save):
+        cdef char err[512]
+        cdef int rc
+        err[0] = 0
+        with nogil:
+            rc = kt_forward(self.ctx, &layer.L, engine.eng, <const void *>x, x_f32, <void *>out, out_f32, save, err)
+        if rc != KT_OK:
+            _raise(rc, err)
+
+    def backward(self, Layer layer, Engine engine, uintptr_t dy, bint dy_f32, uintptr_t dx, bint dx_f32,
+                 uintptr_t dw, grads):
+        cdef char err[512]
+        cdef int rc
+        cdef float *g[6]
+        cdef float **gp = NULL
+        err[0] = 0
+        if grads is not None:
+            for i in range(6):
+                g[i] = <float *><uintptr_t>grads[i]
+            gp = g
+        with nogil:
+            rc = kt_backward(self.ctx, &layer.L, engine.eng, <const void *>dy, dy_f32, <void *>dx, dx_f32,
+                             <float *>dw, gp, err)
+        if rc != KT_OK:
+            _raise(rc, err)

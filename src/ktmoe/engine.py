@@ -1,0 +1,191 @@
+"""The process-wide CPU engine (the CPUInfer role): threads, TP subpools, pinning, and the ISA level.
+
+Nobody creates an engine by hand: wrappers ask `get_engine()` for one. The first request sets the thread
+count; a later request for a different count gets a warning and shares the running engine. A different
+`threadpool_count` needs its own subpool layout, so it gets its own engine (with a warning, as the two
+then compete for the same cores)."""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import _core
+
+ISA_ENV = "KTMOE_ISA"            # cap the instruction-set level: portable, avx2, avx512, avx512bf16
+TOPOLOGY_ENV = "KTMOE_TOPOLOGY"  # subpool CPU lists by hand, e.g. "0-7;8-15"
+
+_lock = threading.Lock()
+_engines: Dict[int, "EngineInfo"] = {}
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """A running engine and the layout it was built with."""
+
+    core: _core.Engine
+    threads: int
+    subpool_cpus: Tuple[Tuple[int, ...], ...]
+    numa_nodes: Tuple[int, ...]
+
+
+def _apply_isa_cap() -> str:
+    cap = os.environ.get(ISA_ENV, "").strip()
+    if cap:
+        try:
+            return _core.isa_set(cap)
+        except ValueError as exc:
+            raise ValueError(f"{ISA_ENV}={cap!r}: {exc}") from None
+    return _core.isa_set(_core.isa_detected())
+
+
+_apply_isa_cap()
+
+
+def set_isa(level: Optional[str]) -> str:
+    """Selects the ISA level (None: the best this CPU has, capped by $KTMOE_ISA). Returns the level used.
+
+    A level above what the CPU supports is capped to the best one available."""
+    if level is None:
+        return _apply_isa_cap()
+    return _core.isa_set(level)
+
+
+def available_isa_levels() -> List[str]:
+    """Levels this machine can run, lowest first."""
+    best = _core.ISA_LEVELS.index(_core.isa_detected())
+    return list(_core.ISA_LEVELS[: best + 1])
+
+
+def parse_cpu_list(text: str) -> List[int]:
+    """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11]."""
+    cpus: List[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "-" in item:
+            lo, hi = item.split("-", 1)
+            cpus.extend(range(int(lo), int(hi) + 1))
+        else:
+            cpus.append(int(item))
+    return cpus
+
+
+def allowed_cpus() -> List[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def numa_nodes() -> Dict[int, List[int]]:
+    """NUMA node -> its CPUs (allowed ones only), from sysfs; one node when sysfs has none."""
+    allowed = set(allowed_cpus())
+    nodes: Dict[int, List[int]] = {}
+    base = "/sys/devices/system/node"
+    try:
+        for name in sorted(os.listdir(base)):
+            if name.startswith("node") and name[4:].isdigit():
+                with open(os.path.join(base, name, "cpulist")) as f:
+                    cpus = [c for c in parse_cpu_list(f.read()) if c in allowed]
+                if cpus:
+                    nodes[int(name[4:])] = cpus
+    except OSError:
+        pass
+    return nodes or {0: sorted(allowed)}
+
+
+def plan_subpools(threads: int, parts: int, topology: Optional[Sequence[Sequence[int]]] = None
+                  ) -> Tuple[List[List[int]], List[int]]:
+    """CPU list of each subpool, and the NUMA node each lives on.
+
+    With a hand-written topology its lists are used as given. Otherwise subpools follow NUMA nodes when
+    there are at least `parts` of them, else they are contiguous ranges of the allowed CPUs."""
+    if topology is not None:
+        pools = [list(p) for p in topology]
+        if len(pools) != parts:
+            raise ValueError(f"topology has {len(pools)} subpools but threadpool_count={parts}")
+        if any(len(p) == 0 for p in pools):
+            raise ValueError("every subpool in the topology needs at least one CPU")
+        return pools, [-1] * parts
+    if threads < parts:
+        raise ValueError(f"cpuinfer_threads={threads} is fewer than threadpool_count={parts}: "
+                         "each subpool needs at least one thread")
+    nodes = numa_nodes()
+    per = [threads // parts + (1 if i < threads % parts else 0) for i in range(parts)]
+    if len(nodes) >= parts > 1:
+        ids = sorted(nodes)[:parts]
+        pools = [(nodes[n] * (per[i] // len(nodes[n]) + 1))[: per[i]] for i, n in enumerate(ids)]
+        return pools, ids
+    cpus = allowed_cpus()
+    cpus = (cpus * (threads // len(cpus) + 1))[:threads]  # more threads than CPUs: wrap around
+    pools, at = [], 0
+    for n in per:
+        pools.append(cpus[at: at + n])
+        at += n
+    node_of = {c: n for n, cs in nodes.items() for c in cs}
+    return pools, [node_of.get(p[0], -1) for p in pools]
+
+
+def _topology_from_env() -> Optional[List[List[int]]]:
+    text = os.environ.get(TOPOLOGY_ENV, "").strip()
+    if not text:
+        return None
+    return [parse_cpu_list(part) for part in text.split(";") if part.strip()]
+
+
+def get_engine(threads: Optional[int] = None, parts: int = 1,
+               topology: Optional[Sequence[Sequence[int]]] = None) -> EngineInfo:
+    """The engine for `parts` subpools, created on first use."""
+    if parts < 1 or parts > _core.MAX_PARTS:
+        raise ValueError(f"threadpool_count must be in [1, {_core.MAX_PARTS}], got {parts}")
+    if topology is None:
+        topology = _topology_from_env()
+        if topology is not None and len(topology) != parts:
+            topology = None  # the env layout describes another split; fall back to automatic
+    with _lock:
+        running = _engines.get(parts)
+        if running is not None:
+            if threads is not None and threads != running.threads:
+                warnings.warn(
+                    f"ktmoe: the CPU engine already runs {running.threads} threads; the request for "
+                    f"cpuinfer_threads={threads} is ignored (the engine is shared by all layers)",
+                    RuntimeWarning, stacklevel=3)
+            return running
+        if threads is None:
+            threads = sum(len(p) for p in topology) if topology else len(allowed_cpus())
+        if threads < 1:
+            raise ValueError(f"cpuinfer_threads must be >= 1, got {threads}")
+        pools, nodes = plan_subpools(threads, parts, topology)
+        if _engines:
+            warnings.warn(
+                f"ktmoe: a second CPU engine is started for threadpool_count={parts} (one with "
+                f"threadpool_count={next(iter(_engines))} is running); they share the cores",
+                RuntimeWarning, stacklevel=3)
+        flat = [c for p in pools for c in p]
+        cpu_ids = [-1] + flat[1:]  # thread 0 is the caller: never pinned
+        core = _core.Engine([len(p) for p in pools], cpu_ids)
+        info = EngineInfo(core, len(flat), tuple(tuple(p) for p in pools), tuple(nodes))
+        _engines[parts] = info
+        return info
+
+
+def cpu_info() -> dict:
+    """What the CPU has, which kernel level is in use, and the engine layouts running."""
+    return {
+        "cpu": _core.cpu_brand(),
+        "features": _core.cpu_features(),
+        "isa_detected": _core.isa_detected(),
+        "isa_active": _core.isa_active(),
+        "isa_cap_env": os.environ.get(ISA_ENV) or None,
+        "isa_levels": available_isa_levels(),
+        "allowed_cpus": allowed_cpus(),
+        "numa_nodes": numa_nodes(),
+        "engines": [
+            {"threadpool_count": parts, "threads": e.threads, "subpool_cpus": [list(p) for p in e.subpool_cpus],
+             "numa_nodes": list(e.numa_nodes)}
+            for parts, e in sorted(_engines.items())
+        ],
+    }

@@ -1,0 +1,28 @@
+"""KTMoEWrapper: the one front door. mode= and method= pick the wrapper; everything native stays hidden."""
+from __future__ import annotations
+
+from .methods import INFERENCE_METHODS, REGISTRY, SFT_METHODS
+from .sft.base import BaseSFTMoEWrapper
+
+MODES = ("sft", "inference")
+
+
+def KTMoEWrapper(*, mode: str = "sft", method: str = "AMXBF16_SFT", **kwargs) -> BaseSFTMoEWrapper:
+    """Creates the routed-experts wrapper of one MoE layer.
+
+    Arguments (see the README for all): layer_idx, num_experts, num_experts_per_tok, hidden_size,
+    moe_intermediate_size, num_gpu_experts=0, cpuinfer_threads=None, threadpool_count=1, weight_path=None,
+    chunked_prefill_size=4096, lora_rank=16, lora_alpha=32.0, lora_dropout=0.0, group_size=128."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    valid = SFT_METHODS if mode == "sft" else INFERENCE_METHODS
+    if method not in valid:
+        hint = ""
+        if method in REGISTRY:
+            hint = f" ({method} is a{'n inference' if mode == 'sft' else ' training'} method)"
+        raise ValueError(f"unknown method {method!r} for mode={mode!r}{hint}; valid: {', '.join(sorted(valid))}")
+    spec = REGISTRY[method]
+    wrapper = spec.wrapper.__new__(spec.wrapper)
+    wrapper.weight_format = spec.weight_format
+    wrapper.__init__(method=method, **kwargs)
+    return wrapper

@@ -1,0 +1,240 @@
+/* The process-wide thread pool (the CPUInfer role).
+ *
+ * Threads are grouped into parts (TP subpools). The calling thread is slot 0 of part 0 and works too, so a
+ * call costs no hand-off when the pool is small. Idle workers spin briefly on a generation counter (stages
+ * of one layer follow each other within microseconds), then sleep on a condition variable. */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "ops.h"
+
+#define SPIN_NS 300000 /* how long an idle worker polls before sleeping */
+
+typedef struct {
+    kt_engine *eng;
+    int tid, part, cpu;
+    pthread_t th;
+} worker;
+
+struct kt_engine {
+    int nthreads, nparts;
+    int part_size[KT_MAX_PARTS];
+    worker *workers;
+    kt_tscratch *scratch; /* one per thread */
+    kt_buffer shared[KT_SHARED_SLOTS];
+    pthread_mutex_t call_lock; /* one layer call at a time */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    atomic_int sleepers;
+    atomic_uint gen;
+    atomic_int done;
+    atomic_int stop;
+    /* the job */
+    kt_task_fn fn;
+    void *arg;
+    int shared_list;
+    int ntasks[KT_MAX_PARTS];
+    atomic_int next[KT_MAX_PARTS];
+};
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static long long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void work(kt_engine *eng, int tid, int part) {
+    int list = eng->shared_list ? 0 : part;
+    int n = eng->ntasks[list];
+    for (;;) {
+        int t = atomic_fetch_add_explicit(&eng->next[list], 1, memory_order_relaxed);
+        if (t >= n) break;
+        eng->fn(eng->arg, eng->shared_list ? 0 : part, t, tid);
+    }
+}
+
+static void *worker_main(void *p) {
+    worker *w = (worker *)p;
+    kt_engine *eng = w->eng;
+    if (w->cpu >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(w->cpu, &set);
+        pthread_setaffinity_np(pthread_self(), sizeof set, &set); /* best effort */
+    }
+    unsigned seen = 0; /* gen at creation: a job posted before this thread runs is still seen */
+    for (;;) {
+        long long start = now_ns();
+        unsigned g;
+        int spins = 0;
+        while ((g = atomic_load(&eng->gen)) == seen) {
+            cpu_relax();
+            if (++spins % 256 == 0 && now_ns() - start > SPIN_NS) {
+                pthread_mutex_lock(&eng->mu);
+                atomic_fetch_add(&eng->sleepers, 1);
+                while ((g = atomic_load(&eng->gen)) == seen) pthread_cond_wait(&eng->cv, &eng->mu);
+                atomic_fetch_sub(&eng->sleepers, 1);
+                pthread_mutex_unlock(&eng->mu);
+                break;
+            }
+        }
+        seen = g;
+        if (atomic_load(&eng->stop)) return NULL;
+        work(eng, w->tid, w->part);
+        atomic_fetch_add_explicit(&eng->done, 1, memory_order_release);
+    }
+}
+
+static void dispatch(kt_engine *eng) {
+    atomic_store(&eng->done, 0);
+    atomic_fetch_add(&eng->gen, 1);
+    if (atomic_load(&eng->sleepers) > 0) {
+        pthread_mutex_lock(&eng->mu);
+        pthread_cond_broadcast(&eng->cv);
+        pthread_mutex_unlock(&eng->mu);
+    }
+    work(eng, 0, 0);
+    while (atomic_load_explicit(&eng->done, memory_order_acquire) < eng->nthreads - 1) cpu_relax();
+}
+
+void kt_run_parts(kt_engine *eng, const int *ntasks, kt_task_fn fn, void *arg) {
+    eng->fn = fn;
+    eng->arg = arg;
+    eng->shared_list = 0;
+    for (int p = 0; p < eng->nparts; p++) {
+        eng->ntasks[p] = ntasks[p];
+        atomic_store_explicit(&eng->next[p], 0, memory_order_relaxed);
+    }
+    dispatch(eng);
+}
+
+void kt_run_all(kt_engine *eng, int ntasks, kt_task_fn fn, void *arg) {
+    eng->fn = fn;
+    eng->arg = arg;
+    eng->shared_list = 1;
+    eng->ntasks[0] = ntasks;
+    atomic_store_explicit(&eng->next[0], 0, memory_order_relaxed);
+    dispatch(eng);
+}
+
+kt_engine *kt_engine_create(int nparts, const int *part_sizes, const int *cpu_ids, char *err) {
+    if (nparts < 1 || nparts > KT_MAX_PARTS) {
+        snprintf(err, KT_ERRLEN, "threadpool_count must be in [1, %d], got %d", KT_MAX_PARTS, nparts);
+        return NULL;
+    }
+    int total = 0;
+    for (int p = 0; p < nparts; p++) {
+        if (part_sizes[p] < 1) {
+            snprintf(err, KT_ERRLEN, "subpool %d has %d threads; each needs at least 1", p, part_sizes[p]);
+            return NULL;
+        }
+        total += part_sizes[p];
+    }
+    kt_engine *eng = calloc(1, sizeof *eng);
+    if (!eng) goto oom;
+    eng->nthreads = total;
+    eng->nparts = nparts;
+    memcpy(eng->part_size, part_sizes, sizeof(int) * (size_t)nparts);
+    eng->workers = calloc((size_t)total, sizeof(worker));
+    eng->scratch = calloc((size_t)total, sizeof(kt_tscratch));
+    if (!eng->workers || !eng->scratch) goto oom;
+    pthread_mutex_init(&eng->call_lock, NULL);
+    pthread_mutex_init(&eng->mu, NULL);
+    pthread_cond_init(&eng->cv, NULL);
+    int tid = 0;
+    for (int p = 0; p < nparts; p++)
+        for (int s = 0; s < part_sizes[p]; s++, tid++) {
+            worker *w = &eng->workers[tid];
+            w->eng = eng;
+            w->tid = tid;
+            w->part = p;
+            w->cpu = cpu_ids ? cpu_ids[tid] : -1;
+            if (tid == 0) continue; /* the caller */
+            if (pthread_create(&w->th, NULL, worker_main, w) != 0) {
+                snprintf(err, KT_ERRLEN, "could not start worker thread %d of %d", tid, total);
+                eng->nthreads = tid; /* destroy joins only those started */
+                kt_engine_destroy(eng);
+                return NULL;
+            }
+        }
+    return eng;
+oom:
+    if (eng) {
+        free(eng->workers);
+        free(eng->scratch);
+        free(eng);
+    }
+    snprintf(err, KT_ERRLEN, "out of memory creating the engine");
+    return NULL;
+}
+
+void kt_engine_destroy(kt_engine *eng) {
+    if (!eng) return;
+    atomic_store(&eng->stop, 1);
+    atomic_fetch_add(&eng->gen, 1);
+    pthread_mutex_lock(&eng->mu);
+    pthread_cond_broadcast(&eng->cv);
+    pthread_mutex_unlock(&eng->mu);
+    for (int t = 1; t < eng->nthreads; t++) pthread_join(eng->workers[t].th, NULL);
+    for (int t = 0; t < eng->nthreads; t++) free(eng->scratch[t].ptr);
+    for (int s = 0; s < KT_SHARED_SLOTS; s++) kt_buffer_free(&eng->shared[s]);
+    pthread_mutex_destroy(&eng->call_lock);
+    pthread_mutex_destroy(&eng->mu);
+    pthread_cond_destroy(&eng->cv);
+    free(eng->workers);
+    free(eng->scratch);
+    free(eng);
+}
+
+int kt_engine_threads(const kt_engine *eng) { return eng->nthreads; }
+int kt_engine_parts(const kt_engine *eng) { return eng->nparts; }
+int kt_engine_part_threads(const kt_engine *eng, int part) { return eng->part_size[part]; }
+void kt_engine_lock(kt_engine *eng) { pthread_mutex_lock(&eng->call_lock); }
+void kt_engine_unlock(kt_engine *eng) { pthread_mutex_unlock(&eng->call_lock); }
+
+void *kt_scratch(kt_engine *eng, int tid, size_t bytes) {
+    kt_tscratch *s = &eng->scratch[tid];
+    if (s->size < bytes) {
+        free(s->ptr);
+        s->ptr = NULL;
+        s->size = 0;
+        if (posix_memalign(&s->ptr, 64, bytes) != 0) return NULL;
+        s->size = bytes;
+    }
+    return s->ptr;
+}
+
+void *kt_shared_buffer(kt_engine *eng, int slot, size_t bytes) {
+    return kt_buffer_reserve(&eng->shared[slot], bytes);
+}
+
+void *kt_buffer_reserve(kt_buffer *b, size_t bytes) {
+    if (bytes == 0) bytes = 64;
+    if (b->size < bytes) {
+        kt_buffer_free(b);
+        if (posix_memalign(&b->ptr, 64, bytes) != 0) {
+            b->ptr = NULL;
+            return NULL;
+        }
+        b->size = bytes;
+    }
+    return b->ptr;
+}
+
+void kt_buffer_free(kt_buffer *b) {
+    free(b->ptr);
+    b->ptr = NULL;
+    b->size = 0;
+}

@@ -1,0 +1,57 @@
+/* Internal interfaces shared by the native sources (not seen by Cython). */
+#ifndef KTMOE_OPS_H
+#define KTMOE_OPS_H
+
+#include "gemm.h"
+#include "ktmoe.h"
+
+/* ---- growable buffers ---- */
+typedef struct { void *ptr; size_t size; } kt_buffer;
+typedef kt_buffer kt_tscratch;
+void *kt_buffer_reserve(kt_buffer *b, size_t bytes); /* contents not kept; NULL on failure */
+void kt_buffer_free(kt_buffer *b);
+
+/* ---- engine internals ---- */
+typedef void (*kt_task_fn)(void *arg, int part, int task, int tid);
+void kt_run_parts(kt_engine *eng, const int *ntasks_per_part, kt_task_fn fn, void *arg);
+void kt_run_all(kt_engine *eng, int ntasks, kt_task_fn fn, void *arg);
+int kt_engine_part_threads(const kt_engine *eng, int part);
+void kt_engine_lock(kt_engine *eng);
+void kt_engine_unlock(kt_engine *eng);
+void *kt_scratch(kt_engine *eng, int tid, size_t bytes);      /* per-thread, grown on demand */
+/* Engine-wide work buffers, valid during one call (forward-only intermediates are not kept per layer). */
+enum { KT_SH_H, KT_SH_YPART, KT_SH_DY, KT_SH_DG, KT_SH_DU, KT_SH_BG, KT_SH_BU, KT_SH_BD, KT_SH_DWPART,
+       KT_SH_TASKS, KT_SHARED_SLOTS };
+void *kt_shared_buffer(kt_engine *eng, int slot, size_t bytes);
+
+/* ---- the per-call context: routing plan + saved activations ---- */
+struct kt_ctx {
+    int T, k, E, H, I, r, nparts, npairs;
+    int part_i0[KT_MAX_PARTS + 1];
+    int saved;             /* forward activations valid for backward */
+    int *expert_off;       /* [E + 1]: pairs of expert e are [expert_off[e], expert_off[e + 1]) */
+    int *pair_tok;         /* [npairs] token of each pair */
+    int *pair_slot;        /* [npairs] t * k + slot */
+    float *pair_w;         /* [npairs] routing weight */
+    bf16_t *x;             /* [T, H] bf16 copy of the input */
+    bf16_t *g[KT_MAX_PARTS], *u[KT_MAX_PARTS]; /* [npairs, I_p] pre-activation, bf16 */
+    float *ag, *au;        /* [npairs, r] A_g x, A_u x */
+    float *ad[KT_MAX_PARTS]; /* [npairs, r] A_d h, this part's partial sum */
+    kt_buffer plan_buf, x_buf, act_buf, lora_buf;
+};
+
+/* ---- one ISA level's implementation of the stages ---- */
+typedef struct {
+    const char *name;
+    int (*forward)(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *x, int x_is_f32, void *out,
+                   int out_is_f32, char *err);
+    int (*backward)(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *dy, int dy_is_f32, void *dx,
+                    int dx_is_f32, float *dw, float *const grads[6], char *err);
+    /* One thread's multiply-accumulate loop for `iters` iterations; returns FLOPs done. */
+    double (*peak_loop)(long iters);
+} kt_ops;
+
+extern const kt_ops kt_ops_portable, kt_ops_avx2, kt_ops_avx512, kt_ops_avx512bf16;
+extern const kt_ops *kt_ops_active;
+
+#endif

@@ -1,0 +1,724 @@
+/* The MoE expert stages, forward and backward, for all experts of a layer per call.
+ *
+ * Included once per ISA level by isa_<level>.c, which first includes a GEMM header providing gemm_nt and
+ * gemm_nn (see gemm.h) and defines KT_OPS_NAME and KT_PEAK_LOOP. Everything here is static, so each level
+ * gets its own copy compiled with its own -m flags, and the plain loops below are vectorized for it.
+ *
+ * Notation: pairs (token t, expert e) sorted by expert; part p of the TP split owns intermediate columns
+ * [i0, i0 + Ip). s = lora_alpha / r. Per pair with routing weight w:
+ *   g = Wg x + s Bg (Ag x),  u = Wu x + s Bu (Au x),  h = silu(g) u,  d = Wd h + s Bd (Ad h),  y += w d
+ * Backward with dy: dhu = Wd^T dy + s Ad^T (Bd^T dy) (unweighted), dw = <dhu, h>, dh = w dhu, ... */
+#include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ops.h"
+
+#define NB 64  /* output columns per task block */
+#define MC 128 /* rows per GEMM chunk inside a task */
+
+/* ---- element-wise helpers that vectorize (no libm calls) ---- */
+
+/* exp(x) for x in float range: Cody-Waite reduction + degree-6 polynomial; rel. error ~2e-7. */
+static inline float kt_expf(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    float r = x - n * 0.693145752f;
+    r = r - n * 1.42860677e-06f;
+    float p = 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    kt_bits32 s;
+    s.u = (uint32_t)((int32_t)n + 127) << 23;
+    return p * s.f;
+}
+
+static inline float kt_sigmoid(float g) { return 1.0f / (1.0f + kt_expf(-g)); }
+
+static inline bf16_t kt_round_bf16(float f) {
+    kt_bits32 b;
+    b.f = f;
+    if ((b.u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((b.u >> 16) | 0x40u);
+    return (bf16_t)((b.u + 0x7fffu + ((b.u >> 16) & 1u)) >> 16);
+}
+
+static inline size_t zmin(size_t a, size_t b) { return a < b ? a : b; }
+
+/* Weight block addressing. Quantized formats will decode a block into a bf16 scratch here. */
+static inline const bf16_t *w_expert(const kt_wmat *w, int e) {
+    return (const bf16_t *)w->data + (size_t)e * w->expert_stride;
+}
+
+/* ---- the call's shared state ---- */
+
+typedef struct {
+    kt_ctx *ctx;
+    const kt_layer *L;
+    kt_engine *eng;
+    int *active;       /* experts with at least one pair, largest first */
+    int nactive;
+    int nblk_i[KT_MAX_PARTS]; /* column blocks of each part's intermediate slice */
+    int nblk_h;        /* column blocks of H */
+    float s;
+    /* forward */
+    const void *x;
+    int x_is_f32;
+    void *out;
+    int out_is_f32;
+    bf16_t *h[KT_MAX_PARTS];  /* [npairs, Ip] */
+    float *yp;                /* [nparts, T, H] partial outputs */
+    /* backward */
+    const void *dy;
+    int dy_is_f32;
+    bf16_t *dyb;              /* [T, H] */
+    bf16_t *dg[KT_MAX_PARTS], *du[KT_MAX_PARTS]; /* [npairs, Ip] */
+    float *bd;                /* [npairs, r] Bd^T dy */
+    float *bg[KT_MAX_PARTS], *bu[KT_MAX_PARTS];  /* [npairs, r] this part's dg Bg, du Bu */
+    float *dwp[KT_MAX_PARTS]; /* [nblk_i, npairs] partial <dhu, h> */
+    float *const *grads;
+    atomic_int failed;        /* first problem found by a task: 1 = non-finite input, 2 = out of memory */
+    atomic_int bad_row;
+} stage_args;
+
+static void fail(stage_args *a, int code, int row) {
+    int zero = 0;
+    if (atomic_compare_exchange_strong(&a->failed, &zero, code)) atomic_store(&a->bad_row, row);
+}
+
+/* Row pointers of a chunk of pairs: into a [*, ld] bf16 matrix, either by token or by pair index. */
+static void rows_by_token(const bf16_t **rows, const kt_ctx *ctx, const bf16_t *base, size_t ld, int p0, int n) {
+    for (int i = 0; i < n; i++) rows[i] = base + (size_t)ctx->pair_tok[p0 + i] * ld;
+}
+static void rows_by_pair(const bf16_t **rows, const bf16_t *base, size_t ld, int p0, int n) {
+    for (int i = 0; i < n; i++) rows[i] = base + (size_t)(p0 + i) * ld;
+}
+
+/* ---- input conversion: [T, H] bf16/fp32 -> bf16, rejecting non-finite values ---- */
+
+typedef struct { stage_args *a; const void *src; int src_is_f32; bf16_t *dst; } convert_args;
+
+static void convert_rows_task(void *arg, int part, int task, int tid) {
+    (void)part;
+    (void)tid;
+    convert_args *c = arg;
+    const kt_ctx *ctx = c->a->ctx;
+    size_t H = (size_t)ctx->H;
+    int t0 = task * 16, t1 = t0 + 16 < ctx->T ? t0 + 16 : ctx->T;
+    for (int t = t0; t < t1; t++) {
+        bf16_t *d = c->dst + (size_t)t * H;
+        int bad = 0;
+        if (c->src_is_f32) {
+            const float *s = (const float *)c->src + (size_t)t * H;
+            for (size_t i = 0; i < H; i++) {
+                kt_bits32 b;
+                b.f = s[i];
+                bad |= (b.u & 0x7f800000u) == 0x7f800000u;
+                d[i] = kt_round_bf16(s[i]);
+            }
+        } else {
+            const bf16_t *s = (const bf16_t *)c->src + (size_t)t * H;
+            for (size_t i = 0; i < H; i++) {
+                bad |= (s[i] & 0x7f80u) == 0x7f80u;
+                d[i] = s[i];
+            }
+        }
+        if (bad) fail(c->a, 1, t);
+    }
+}
+
+static void convert_rows(stage_args *a, const void *src, int src_is_f32, bf16_t *dst) {
+    convert_args c = {a, src, src_is_f32, dst};
+    kt_run_all(a->eng, (a->ctx->T + 15) / 16, convert_rows_task, &c);
+}
+
+/* ---- forward ---- */
+
+/* LoRA down-projections of the input, shared by all parts: ag = x Ag^T, au = x Au^T. */
+static void fwd_lora_in_task(void *arg, int part, int task, int tid) {
+    (void)part;
+    (void)tid;
+    stage_args *a = arg;
+    const kt_ctx *ctx = a->ctx;
+    const kt_layer *L = a->L;
+    int e = a->active[task], r = L->r;
+    size_t H = (size_t)L->H;
+    const bf16_t *rows[MC];
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
+        int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
+        rows_by_token(rows, ctx, ctx->x, H, p0, m);
+        gemm_nt(m, r, (int)H, rows, L->gate_a + (size_t)e * r * H, H, 1, ctx->ag + (size_t)p0 * r, (size_t)r);
+        gemm_nt(m, r, (int)H, rows, L->up_a + (size_t)e * r * H, H, 1, ctx->au + (size_t)p0 * r, (size_t)r);
+    }
+}
+
+/* c[m, n] += s * <lora_in[m, :], b[n0 + n, :]>, b is [*, r] fp32. */
+static void add_lora_out(float *c, size_t ldc, int m, int nb, const float *lora_in, const float *b, int r, float s) {
+    for (int i = 0; i < m; i++) {
+        const float *in = lora_in + (size_t)i * r;
+        for (int n = 0; n < nb; n++) {
+            const float *bn = b + (size_t)n * r;
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int j = 0; j < r; j++) acc += in[j] * bn[j];
+            c[(size_t)i * ldc + n] += s * acc;
+        }
+    }
+}
+
+/* gate+up GEMMs with LoRA, then h = silu(g) * u. Task = (active expert, column block of the part). */
+static void fwd_gate_up_task(void *arg, int part, int task, int tid) {
+    stage_args *a = arg;
+    kt_ctx *ctx = a->ctx;
+    const kt_layer *L = a->L;
+    int nblk = a->nblk_i[part];
+    int e = a->active[task / nblk];
+    int i0 = ctx->part_i0[part], Ip = ctx->part_i0[part + 1] - i0;
+    int n0 = (task % nblk) * NB, nb = Ip - n0 < NB ? Ip - n0 : NB;
+    int H = L->H, r = L->r;
+    float *cg = kt_scratch(a->eng, tid, sizeof(float) * 2 * MC * NB);
+    if (!cg) {
+        fail(a, 2, 0);
+        return;
+    }
+    float *cu = cg + MC * NB;
+    const bf16_t *wg = w_expert(&L->gate[part], e) + (size_t)n0 * L->gate[part].row_stride;
+    const bf16_t *wu = w_expert(&L->up[part], e) + (size_t)n0 * L->up[part].row_stride;
+    const bf16_t *rows[MC];
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
+        int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
+        rows_by_token(rows, ctx, ctx->x, (size_t)H, p0, m);
+        gemm_nt(m, nb, H, rows, wg, L->gate[part].row_stride, 0, cg, NB);
+        gemm_nt(m, nb, H, rows, wu, L->up[part].row_stride, 0, cu, NB);
+        if (r > 0) {
+            size_t brow = ((size_t)e * L->I + (size_t)(i0 + n0)) * r;
+            add_lora_out(cg, NB, m, nb, ctx->ag + (size_t)p0 * r, L->gate_b + brow, r, a->s);
+            add_lora_out(cu, NB, m, nb, ctx->au + (size_t)p0 * r, L->up_b + brow, r, a->s);
+        }
+        for (int i = 0; i < m; i++) {
+            size_t at = (size_t)(p0 + i) * Ip + n0;
+            bf16_t *h = a->h[part] + at;
+            const float *gi = cg + (size_t)i * NB, *ui = cu + (size_t)i * NB;
+            bf16_t gb[NB], ub[NB];
+#pragma omp simd
+            for (int n = 0; n < nb; n++) {
+                gb[n] = kt_round_bf16(gi[n]);
+                ub[n] = kt_round_bf16(ui[n]);
+                float g = kt_bf(gb[n]);
+                h[n] = kt_round_bf16(g * kt_sigmoid(g) * kt_bf(ub[n]));
+            }
+            if (ctx->g[part]) {
+                memcpy(ctx->g[part] + at, gb, sizeof(bf16_t) * (size_t)nb);
+                memcpy(ctx->u[part] + at, ub, sizeof(bf16_t) * (size_t)nb);
+            }
+        }
+    }
+}
+
+/* ad = h Ad^T over this part's columns (a partial sum across parts). Task = active expert. */
+static void fwd_lora_mid_task(void *arg, int part, int task, int tid) {
+    (void)tid;
+    stage_args *a = arg;
+    const kt_ctx *ctx = a->ctx;
+    const kt_layer *L = a->L;
+    int e = a->active[task], r = L->r;
+    int i0 = ctx->part_i0[part], Ip = ctx->part_i0[part + 1] - i0;
+    const bf16_t *rows[MC];
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
+        int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
+        rows_by_pair(rows, a->h[part], (size_t)Ip, p0, m);
+        gemm_nt(m, r, Ip, rows, L->down_a + (size_t)e * r * L->I + i0, (size_t)L->I, 1,
+                ctx->ad[part] + (size_t)p0 * r, (size_t)r);
+    }
+}
+
+/* Writes rows [0, T) x columns [n0, n0 + nb) of an fp32 [T, H] accumulator to the output tensor. */
+static void store_columns(const float *acc, void *out, int out_is_f32, int T, int H, int n0, int nb) {
+    for (int t = 0; t < T; t++) {
+        const float *s = acc + (size_t)t * H + n0;
+        if (out_is_f32) {
+            memcpy((float *)out + (size_t)t * H + n0, s, sizeof(float) * (size_t)nb);
+        } else {
+            bf16_t *d = (bf16_t *)out + (size_t)t * H + n0;
+#pragma omp simd
+            for (int n = 0; n < nb; n++) d[n] = kt_round_bf16(s[n]);
+        }
+    }
+}
+
+/* Down GEMM with LoRA and the routing-weighted combine. Task = column block of H, over all experts, so
+ * every output element has one writer and the sum order is fixed. */
+static void fwd_down_task(void *arg, int part, int task, int tid) {
+    stage_args *a = arg;
+    const kt_ctx *ctx = a->ctx;
+    const kt_layer *L = a->L;
+    int H = L->H, r = L->r, T = ctx->T;
+    int i0 = ctx->part_i0[part], Ip = ctx->part_i0[part + 1] - i0;
+    int n0 = task * NB, nb = H - n0 < NB ? H - n0 : NB;
+    float *y = a->yp + (size_t)part * T * H;
+    float *c = kt_scratch(a->eng, tid, sizeof(float) * MC * NB);
+    if (!c) {
+        fail(a, 2, 0);
+        return;
+    }
+    for (int t = 0; t < T; t++) memset(y + (size_t)t * H + n0, 0, sizeof(float) * (size_t)nb);
+    const bf16_t *rows[MC];
+    for (int ai = 0; ai < a->nactive; ai++) {
+        int e = a->active[ai];
+        const bf16_t *wd = w_expert(&L->down[part], e) + (size_t)n0 * L->down[part].row_stride;
+        for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
+            int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
+            rows_by_pair(rows, a->h[part], (size_t)Ip, p0, m);
+            gemm_nt(m, nb, Ip, rows, wd, L->down[part].row_stride, 0, c, NB);
+            if (r > 0)
+                add_lora_out(c, NB, m, nb, ctx->ad[part] + (size_t)p0 * r,
+                             L->down_b + ((size_t)e * H + (size_t)n0) * r, r, a->s);
+            for (int i = 0; i < m; i++) {
+                float w = ctx->pair_w[p0 + i];
+                float *yt = y + (size_t)ctx->pair_tok[p0 + i] * H + n0;
+                const float *ci = c + (size_t)i * NB;
+#pragma omp simd
+                for (int n = 0; n < nb; n++) yt[n] += w * ci[n];
+            }
+        }
+    }
+    if (ctx->nparts == 1) store_columns(y, a->out, a->out_is_f32, T, H, n0, nb);
+}
+
+/* Sums the parts' [T, H] partials into the output (TP only). Task = 16 rows. */
+typedef struct { stage_args *a; const float *parts; void *out; int out_is_f32; } reduce_args;
+
+static void reduce_parts_task(void *arg, int part, int task, int tid) {
+    (void)part;
+    (void)tid;
+    reduce_args *ra = arg;
+    const kt_ctx *ctx = ra->a->ctx;
+    size_t H = (size_t)ctx->H, TH = (size_t)ctx->T * H;
+    int t0 = task * 16, t1 = t0 + 16 < ctx->T ? t0 + 16 : ctx->T;
+    for (int t = t0; t < t1; t++) {
+        float acc[256];
+        for (size_t n0 = 0; n0 < H; n0 += 256) {
+            size_t nb = zmin(256, H - n0);
+            memcpy(acc, ra->parts + (size_t)t * H + n0, sizeof(float) * nb);
+            for (int p = 1; p < ctx->nparts; p++) {
+                const float *s = ra->parts + p * TH + (size_t)t * H + n0;
+#pragma omp simd
+                for (size_t n = 0; n < nb; n++) acc[n] += s[n];
+            }
+            if (ra->out_is_f32) {
+                memcpy((float *)ra->out + (size_t)t * H + n0, acc, sizeof(float) * nb);
+            } else {
+                bf16_t *d = (bf16_t *)ra->out + (size_t)t * H + n0;
+#pragma omp simd
+                for (size_t n = 0; n < nb; n++) d[n] = kt_round_bf16(acc[n]);
+            }
+        }
+    }
+}
+
+static void reduce_parts(stage_args *a, const float *parts, void *out, int out_is_f32) {
+    reduce_args ra = {a, parts, out, out_is_f32};
+    kt_run_all(a->eng, (a->ctx->T + 15) / 16, reduce_parts_task, &ra);
+}
+
+/* ---- shared set-up ---- */
+
+static int setup(stage_args *a, kt_ctx *ctx, const kt_layer *L, kt_engine *eng, char *err) {
+    memset(a, 0, sizeof *a);
+    a->ctx = ctx;
+    a->L = L;
+    a->eng = eng;
+    a->s = L->r > 0 ? L->lora_scale : 0.f;
+    a->active = kt_shared_buffer(eng, KT_SH_TASKS, sizeof(int) * (size_t)ctx->E);
+    if (!a->active) {
+        snprintf(err, KT_ERRLEN, "out of memory");
+        return KT_ENOMEM;
+    }
+    for (int e = 0; e < ctx->E; e++)
+        if (ctx->expert_off[e + 1] > ctx->expert_off[e]) a->active[a->nactive++] = e;
+    /* largest experts first: the dynamic task queue then balances the tail */
+    for (int i = 1; i < a->nactive; i++) {
+        int e = a->active[i], me = ctx->expert_off[e + 1] - ctx->expert_off[e], j = i;
+        while (j > 0 && ctx->expert_off[a->active[j - 1] + 1] - ctx->expert_off[a->active[j - 1]] < me) {
+            a->active[j] = a->active[j - 1];
+            j--;
+        }
+        a->active[j] = e;
+    }
+    for (int p = 0; p < ctx->nparts; p++) a->nblk_i[p] = (ctx->part_i0[p + 1] - ctx->part_i0[p] + NB - 1) / NB;
+    a->nblk_h = (ctx->H + NB - 1) / NB;
+    return KT_OK;
+}
+
+static int finish(stage_args *a, const char *what, char *err) {
+    int f = atomic_load(&a->failed);
+    if (f == 1) {
+        snprintf(err, KT_ERRLEN, "%s[%d] has a non-finite value (NaN or Inf)", what, atomic_load(&a->bad_row));
+        return KT_EINVAL;
+    }
+    if (f == 2) {
+        snprintf(err, KT_ERRLEN, "out of memory for per-thread work space");
+        return KT_ENOMEM;
+    }
+    return KT_OK;
+}
+
+/* Carves per-part [npairs, Ip] bf16 matrices out of one shared buffer. */
+static int part_matrices(stage_args *a, int slot, bf16_t **mats, char *err) {
+    const kt_ctx *ctx = a->ctx;
+    size_t total = sizeof(bf16_t) * (size_t)ctx->npairs * (size_t)ctx->I + 64;
+    bf16_t *base = kt_shared_buffer(a->eng, slot, total);
+    if (!base) {
+        snprintf(err, KT_ERRLEN, "out of memory (%zu bytes)", total);
+        return KT_ENOMEM;
+    }
+    for (int p = 0; p < ctx->nparts; p++) mats[p] = base + (size_t)ctx->npairs * ctx->part_i0[p];
+    return KT_OK;
+}
+
+static void run_per_part(stage_args *a, const int *ntasks, kt_task_fn fn) { kt_run_parts(a->eng, ntasks, fn, a); }
+
+static int forward_impl(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *x, int x_is_f32, void *out,
+                        int out_is_f32, char *err) {
+    stage_args a;
+    int rc = setup(&a, ctx, L, eng, err);
+    if (rc) return rc;
+    int P = ctx->nparts, T = ctx->T, H = ctx->H;
+    a.out = out;
+    a.out_is_f32 = out_is_f32;
+    convert_rows(&a, x, x_is_f32, ctx->x);
+    if ((rc = finish(&a, "hidden_states", err))) return rc;
+    if ((rc = part_matrices(&a, KT_SH_H, a.h, err))) return rc;
+    size_t ybytes = sizeof(float) * (size_t)P * T * H + 64;
+    a.yp = kt_shared_buffer(eng, KT_SH_YPART, ybytes);
+    if (!a.yp) {
+        snprintf(err, KT_ERRLEN, "out of memory (%zu bytes)", ybytes);
+        return KT_ENOMEM;
+    }
+    int nt[KT_MAX_PARTS];
+    if (L->r > 0) kt_run_all(eng, a.nactive, fwd_lora_in_task, &a);
+    for (int p = 0; p < P; p++) nt[p] = a.nactive * a.nblk_i[p];
+    run_per_part(&a, nt, fwd_gate_up_task);
+    if (L->r > 0) {
+        for (int p = 0; p < P; p++) nt[p] = a.nactive;
+        run_per_part(&a, nt, fwd_lora_mid_task);
+    }
+    for (int p = 0; p < P; p++) nt[p] = a.nblk_h;
+    run_per_part(&a, nt, fwd_down_task);
+    if (P > 1) reduce_parts(&a, a.yp, out, out_is_f32);
+    return finish(&a, "hidden_states", err);
+}
+
+/* ---- backward ---- */
+
+/* bd = Bd^T dy for every pair (shared by parts). Task = active expert. */
+static void bwd_lora_dy_task(void *arg, int part, int task, int tid) {
+    (void)part;
+    (void)tid;
+    stage_args *a = arg;
+    const kt_ctx *ctx = a->ctx;
+    int e = a->active[task], r = ctx->r, H = ctx->H;
+    const float *bd_w = a->L->down_b + (size_t)e * H * r; /* [H, r] */
+    for (int p = ctx->expert_off[e]; p < ctx->expert_off[e + 1]; p++) {
+        const bf16_t *dy = a->dyb + (size_t)ctx->pair_tok[p] * H;
+        float acc[256];
+        memset(acc, 0, sizeof(float) * (size_t)r);
+        for (int n = 0; n < H; n++) {
+            float d = kt_bf(dy[n]);
+            const float *b = bd_w + (size_t)n * r;
+#pragma omp simd
+            for (int j = 0; j < r; j++) acc[j] += d * b[j];
+        }
+        memcpy(a->bd + (size_t)p * r, acc, sizeof(float) * (size_t)r);
+    }
+}
+
+/* Down backward + activation backward, and the LoRA grads this (expert, column block) owns:
+ * dA_d[:, block], dB_g[block, :], dB_u[block, :]. Task = (active expert, column block of the part). */
+static void bwd_down_act_task(void *arg, int part, int task, int tid) {
+    stage_args *a = arg;
+    const kt_ctx *ctx = a->ctx;
+    const kt_layer *L = a->L;
+    int nblk = a->nblk_i[part], blk = task % nblk;
+    int e = a->active[task / nblk];
+    int i0 = ctx->part_i0[part], Ip = ctx->part_i0[part + 1] - i0;
+    int n0 = blk * NB, nb = Ip - n0 < NB ? Ip - n0 : NB;
+    int H = L->H, r = L->r, I = L->I;
+    float s = a->s;
+    float *c = kt_scratch(a->eng, tid, sizeof(float) * 4 * MC * NB);
+    if (!c) {
+        fail(a, 2, 0);
+        return;
+    }
+    float *hf = c + MC * NB, *dgf = hf + MC * NB, *duf = dgf + MC * NB;
+    const bf16_t *wd = w_expert(&L->down[part], e) + n0;
+    float *gAd = NULL, *gBg = NULL, *gBu = NULL;
+    if (r > 0) {
+        gAd = a->grads[4] + (size_t)e * r * I + i0 + n0;           /* [r, I] at column i0 + n0 */
+        gBg = a->grads[1] + ((size_t)e * I + (size_t)(i0 + n0)) * r; /* [I, r] at row i0 + n0 */
+        gBu = a->grads[3] + ((size_t)e * I + (size_t)(i0 + n0)) * r;
+        for (int j = 0; j < r; j++) memset(gAd + (size_t)j * I, 0, sizeof(float) * (size_t)nb);
+        memset(gBg, 0, sizeof(float) * (size_t)nb * r);
+        memset(gBu, 0, sizeof(float) * (size_t)nb * r);
+    }
+    const bf16_t *rows[MC];
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
+        int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
+        rows_by_token(rows, ctx, a->dyb, (size_t)H, p0, m);
+        gemm_nn(m, nb, H, rows, wd, L->down[part].row_stride, c, NB);
+        for (int i = 0; i < m; i++) {
+            int p = p0 + i;
+            float *ci = c + (size_t)i * NB;
+            if (r > 0) {
+                const float *bdp = a->bd + (size_t)p * r;
+                const float *ad_w = L->down_a + (size_t)e * r * I + i0 + n0;
+                for (int j = 0; j < r; j++) {
+                    float sb = s * bdp[j];
+                    const float *row = ad_w + (size_t)j * I;
+#pragma omp simd
+                    for (int n = 0; n < nb; n++) ci[n] += sb * row[n];
+                }
+            }
+            size_t at = (size_t)p * Ip + n0;
+            const bf16_t *gp = ctx->g[part] + at, *up = ctx->u[part] + at;
+            float w = ctx->pair_w[p], dwacc = 0.f;
+            float *hi = hf + (size_t)i * NB, *dgi = dgf + (size_t)i * NB, *dui = duf + (size_t)i * NB;
+            bf16_t *dgo = a->dg[part] + at, *duo = a->du[part] + at;
+#pragma omp simd reduction(+ : dwacc)
+            for (int n = 0; n < nb; n++) {
+                float g = kt_bf(gp[n]), u = kt_bf(up[n]);
+                float sg = kt_sigmoid(g);
+                float h = kt_bf(kt_round_bf16(g * sg * u)); /* exactly the forward's h */
+                dwacc += ci[n] * h;
+                float dh = w * ci[n];
+                float dg = dh * u * sg * (1.0f + g * (1.0f - sg));
+                float du = dh * g * sg;
+                hi[n] = h;
+                dgi[n] = dg;
+                dui[n] = du;
+                dgo[n] = kt_round_bf16(dg);
+                duo[n] = kt_round_bf16(du);
+            }
+            a->dwp[part][(size_t)blk * ctx->npairs + p] = dwacc;
+        }
+        if (r == 0) continue;
+        for (int i = 0; i < m; i++) {
+            int p = p0 + i;
+            const float *bdp = a->bd + (size_t)p * r, *agp = ctx->ag + (size_t)p * r, *aup = ctx->au + (size_t)p * r;
+            float w = ctx->pair_w[p];
+            const float *hi = hf + (size_t)i * NB, *dgi = dgf + (size_t)i * NB, *dui = duf + (size_t)i * NB;
+            for (int j = 0; j < r; j++) {
+                float sb = s * w * bdp[j];
+                float *row = gAd + (size_t)j * I;
+#pragma omp simd
+                for (int n = 0; n < nb; n++) row[n] += sb * hi[n];
+            }
+            for (int n = 0; n < nb; n++) {
+                float sg = s * dgi[n], su = s * dui[n];
+                float *bg = gBg + (size_t)n * r, *bu = gBu + (size_t)n * r;
+#pragma omp simd
+                for (int j = 0; j < r; j++) {
+                    bg[j] += sg * agp[j];
+                    bu[j] += su * aup[j];
+                }
+            }
+        }
+    }
+}
+
+/* bg = dg Bg, bu = du Bu over this part's columns. Task = active expert. */
+static void bwd_lora_mid_task(void *arg, int part, int task, int tid) {
+    (void)tid;
+    stage_args *a = arg;
+    const kt_ctx *ctx = a->ctx;
+    const kt_layer *L = a->L;
+    int e = a->active[task], r = L->r;
+    int i0 = ctx->part_i0[part], Ip = ctx->part_i0[part + 1] - i0;
+    const float *wbg = L->gate_b + ((size_t)e * L->I + i0) * r, *wbu = L->up_b + ((size_t)e * L->I + i0) * r;
+    for (int p = ctx->expert_off[e]; p < ctx->expert_off[e + 1]; p++) {
+        const bf16_t *dg = a->dg[part] + (size_t)p * Ip, *du = a->du[part] + (size_t)p * Ip;
+        float accg[256], accu[256];
+        memset(accg, 0, sizeof(float) * (size_t)r);
+        memset(accu, 0, sizeof(float) * (size_t)r);
+        for (int n = 0; n < Ip; n++) {
+            float vg = kt_bf(dg[n]), vu = kt_bf(du[n]);
+            const float *bg = wbg + (size_t)n * r, *bu = wbu + (size_t)n * r;
+#pragma omp simd
+            for (int j = 0; j < r; j++) {
+                accg[j] += vg * bg[j];
+                accu[j] += vu * bu[j];
+            }
+        }
+        memcpy(a->bg[part] + (size_t)p * r, accg, sizeof(float) * (size_t)r);
+        memcpy(a->bu[part] + (size_t)p * r, accu, sizeof(float) * (size_t)r);
+    }
+}
+
+/* The LoRA grads summed over pairs and parts: dA_g, dA_u, dB_d. Task = expert (all of them: experts with
+ * no pairs get zero grads here, including the slices other stages own). */
+static void bwd_lora_sum_task(void *arg, int part, int task, int tid) {
+    (void)part;
+    (void)tid;
+    stage_args *a = arg;
+    const kt_ctx *ctx = a->ctx;
+    const kt_layer *L = a->L;
+    int e = task, r = L->r, H = L->H, I = L->I, P = ctx->nparts;
+    float s = a->s;
+    float *gAg = a->grads[0] + (size_t)e * r * H, *gAu = a->grads[2] + (size_t)e * r * H;
+    float *gBd = a->grads[5] + (size_t)e * H * r;
+    memset(gAg, 0, sizeof(float) * (size_t)r * H);
+    memset(gAu, 0, sizeof(float) * (size_t)r * H);
+    memset(gBd, 0, sizeof(float) * (size_t)r * H);
+    if (ctx->expert_off[e + 1] == ctx->expert_off[e]) {
+        memset(a->grads[1] + (size_t)e * I * r, 0, sizeof(float) * (size_t)I * r);
+        memset(a->grads[3] + (size_t)e * I * r, 0, sizeof(float) * (size_t)I * r);
+        memset(a->grads[4] + (size_t)e * r * I, 0, sizeof(float) * (size_t)r * I);
+        return;
+    }
+    for (int p = ctx->expert_off[e]; p < ctx->expert_off[e + 1]; p++) {
+        float bg[256], bu[256], ad[256];
+        for (int j = 0; j < r; j++) {
+            bg[j] = bu[j] = ad[j] = 0.f;
+            for (int q = 0; q < P; q++) {
+                bg[j] += a->bg[q][(size_t)p * r + j];
+                bu[j] += a->bu[q][(size_t)p * r + j];
+                ad[j] += ctx->ad[q][(size_t)p * r + j];
+            }
+        }
+        const bf16_t *x = ctx->x + (size_t)ctx->pair_tok[p] * H;
+        const bf16_t *dy = a->dyb + (size_t)ctx->pair_tok[p] * H;
+        for (int j = 0; j < r; j++) {
+            float sg = s * bg[j], su = s * bu[j];
+            float *rg = gAg + (size_t)j * H, *ru = gAu + (size_t)j * H;
+#pragma omp simd
+            for (int n = 0; n < H; n++) {
+                float xv = kt_bf(x[n]);
+                rg[n] += sg * xv;
+                ru[n] += su * xv;
+            }
+        }
+        float sw = s * ctx->pair_w[p];
+        for (int n = 0; n < H; n++) {
+            float d = sw * kt_bf(dy[n]);
+            float *row = gBd + (size_t)n * r;
+#pragma omp simd
+            for (int j = 0; j < r; j++) row[j] += d * ad[j];
+        }
+    }
+}
+
+/* dx = dg Wg + du Wu + s (bg Ag + bu Au), summed into token rows. Task = column block of H over all
+ * experts (one writer per element, fixed order). */
+static void bwd_dx_task(void *arg, int part, int task, int tid) {
+    stage_args *a = arg;
+    const kt_ctx *ctx = a->ctx;
+    const kt_layer *L = a->L;
+    int H = L->H, r = L->r, T = ctx->T;
+    int i0 = ctx->part_i0[part], Ip = ctx->part_i0[part + 1] - i0;
+    int n0 = task * NB, nb = H - n0 < NB ? H - n0 : NB;
+    float *dx = a->yp + (size_t)part * T * H;
+    float *c1 = kt_scratch(a->eng, tid, sizeof(float) * 2 * MC * NB);
+    if (!c1) {
+        fail(a, 2, 0);
+        return;
+    }
+    float *c2 = c1 + MC * NB;
+    for (int t = 0; t < T; t++) memset(dx + (size_t)t * H + n0, 0, sizeof(float) * (size_t)nb);
+    const bf16_t *rows_g[MC], *rows_u[MC];
+    for (int ai = 0; ai < a->nactive; ai++) {
+        int e = a->active[ai];
+        const bf16_t *wg = w_expert(&L->gate[part], e) + n0, *wu = w_expert(&L->up[part], e) + n0;
+        for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
+            int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
+            rows_by_pair(rows_g, a->dg[part], (size_t)Ip, p0, m);
+            rows_by_pair(rows_u, a->du[part], (size_t)Ip, p0, m);
+            gemm_nn(m, nb, Ip, rows_g, wg, L->gate[part].row_stride, c1, NB);
+            gemm_nn(m, nb, Ip, rows_u, wu, L->up[part].row_stride, c2, NB);
+            for (int i = 0; i < m; i++) {
+                int p = p0 + i;
+                float *ci = c1 + (size_t)i * NB;
+                const float *c2i = c2 + (size_t)i * NB;
+#pragma omp simd
+                for (int n = 0; n < nb; n++) ci[n] += c2i[n];
+                if (r > 0) {
+                    const float *bg = a->bg[part] + (size_t)p * r, *bu = a->bu[part] + (size_t)p * r;
+                    const float *ag_w = L->gate_a + (size_t)e * r * H + n0, *au_w = L->up_a + (size_t)e * r * H + n0;
+                    for (int j = 0; j < r; j++) {
+                        float sg = a->s * bg[j], su = a->s * bu[j];
+                        const float *rg = ag_w + (size_t)j * H, *ru = au_w + (size_t)j * H;
+#pragma omp simd
+                        for (int n = 0; n < nb; n++) ci[n] += sg * rg[n] + su * ru[n];
+                    }
+                }
+                float *xt = dx + (size_t)ctx->pair_tok[p] * H + n0;
+#pragma omp simd
+                for (int n = 0; n < nb; n++) xt[n] += ci[n];
+            }
+        }
+    }
+    if (ctx->nparts == 1) store_columns(dx, a->out, a->out_is_f32, T, H, n0, nb);
+}
+
+static int backward_impl(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *dy, int dy_is_f32, void *dx,
+                         int dx_is_f32, float *dw, float *const grads[6], char *err) {
+    stage_args a;
+    int rc = setup(&a, ctx, L, eng, err);
+    if (rc) return rc;
+    int P = ctx->nparts, T = ctx->T, H = ctx->H, r = ctx->r;
+    size_t np = (size_t)ctx->npairs;
+    a.out = dx;
+    a.out_is_f32 = dx_is_f32;
+    a.grads = grads;
+    a.dyb = kt_shared_buffer(eng, KT_SH_DY, sizeof(bf16_t) * (size_t)T * H + 64);
+    a.yp = kt_shared_buffer(eng, KT_SH_YPART, sizeof(float) * (size_t)P * T * H + 64);
+    int maxblk = 0;
+    for (int p = 0; p < P; p++) maxblk = a.nblk_i[p] > maxblk ? a.nblk_i[p] : maxblk;
+    float *dwp = kt_shared_buffer(eng, KT_SH_DWPART, sizeof(float) * (size_t)P * maxblk * np + 64);
+    float *lora = r > 0 ? kt_shared_buffer(eng, KT_SH_BD, sizeof(float) * np * r * (1 + 2 * (size_t)P) + 64) : NULL;
+    if (!a.dyb || !a.yp || !dwp || (r > 0 && !lora)) {
+        snprintf(err, KT_ERRLEN, "out of memory for backward work space");
+        return KT_ENOMEM;
+    }
+    for (int p = 0; p < P; p++) {
+        a.dwp[p] = dwp + (size_t)p * maxblk * np;
+        if (r > 0) {
+            a.bg[p] = lora + np * r * (1 + 2 * (size_t)p);
+            a.bu[p] = a.bg[p] + np * r;
+        }
+    }
+    a.bd = lora;
+    if ((rc = part_matrices(&a, KT_SH_DG, a.dg, err)) || (rc = part_matrices(&a, KT_SH_DU, a.du, err))) return rc;
+    convert_rows(&a, dy, dy_is_f32, a.dyb);
+    if ((rc = finish(&a, "grad_output", err))) return rc;
+
+    int nt[KT_MAX_PARTS];
+    if (r > 0) kt_run_all(eng, a.nactive, bwd_lora_dy_task, &a);
+    for (int p = 0; p < P; p++) nt[p] = a.nactive * a.nblk_i[p];
+    run_per_part(&a, nt, bwd_down_act_task);
+    if (r > 0) {
+        for (int p = 0; p < P; p++) nt[p] = a.nactive;
+        run_per_part(&a, nt, bwd_lora_mid_task);
+        kt_run_all(eng, ctx->E, bwd_lora_sum_task, &a);
+    }
+    for (int p = 0; p < P; p++) nt[p] = a.nblk_h;
+    run_per_part(&a, nt, bwd_dx_task);
+    if (P > 1) reduce_parts(&a, a.yp, dx, dx_is_f32);
+    if ((rc = finish(&a, "grad_output", err))) return rc;
+
+    /* routing-weight grads: sum the (part, block) partials of each pair */
+    memset(dw, 0, sizeof(float) * (size_t)T * ctx->k);
+    for (size_t p = 0; p < np; p++) {
+        float acc = 0.f;
+        for (int q = 0; q < P; q++)
+            for (int b = 0; b < a.nblk_i[q]; b++) acc += a.dwp[q][(size_t)b * np + p];
+        dw[ctx->pair_slot[p]] += acc;
+    }
+    return KT_OK;
+}
+
+const kt_ops KT_OPS_NAME = {KT_ISA_LABEL, forward_impl, backward_impl, KT_PEAK_LOOP};

@@ -1,0 +1,106 @@
+"""PyTorch binding: an autograd.Function over forward_sft/backward, and an nn.Module owning the LoRA.
+
+`loss.backward()` reaches hidden states, routing weights and the six LoRA parameters. The native side
+reads the LoRA parameters in place (fp32, CPU, contiguous), so an optimizer step is seen by the next
+forward without any sync call; parameters kept elsewhere (GPU, bf16) are copied at each forward."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..reference import LORA_NAMES
+from .base import BaseSFTMoEWrapper
+
+
+class KTMoEFunction(torch.autograd.Function):
+    """y = experts(hidden_states); grads for hidden_states, weights and the six LoRA tensors."""
+
+    @staticmethod
+    def forward(ctx, wrapper: BaseSFTMoEWrapper, hidden_states, expert_ids, weights, *lora):
+        y, saved = wrapper._run_forward(hidden_states, expert_ids, weights, True)
+        ctx.wrapper, ctx.saved = wrapper, saved
+        ctx.weights_dtype = weights.dtype
+        ctx.lora_meta = [(p.dtype, p.device) for p in lora]
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        saved, ctx.saved = ctx.saved, None  # the activations go as soon as they are used
+        if saved is None:
+            raise RuntimeError("ktmoe: backward through the same experts call twice (retain_graph is not "
+                               "supported; recompute the forward instead)")
+        grad_input, grads = ctx.wrapper._run_backward(saved, grad_output.contiguous())
+        lora_grads = []
+        for name, (dtype, device) in zip(LORA_NAMES, ctx.lora_meta):
+            g = grads.get(name)
+            lora_grads.append(None if g is None else g.to(dtype=dtype, device=device))
+        return (None, grad_input, None, grads["weights"].to(ctx.weights_dtype), *lora_grads)
+
+
+class KTMoEExperts(nn.Module):
+    """The routed experts of one layer on the CPU, with trainable LoRA as nn.Parameters.
+
+    gate_proj, up_proj: [E, I, H]; down_proj: [E, H, I] (frozen). forward(hidden_states [T, H],
+    expert_ids [T, k], weights [T, k]) -> [T, H]. LoRA A matrices start like PEFT's (Kaiming-uniform),
+    B matrices at zero, so the layer starts equal to the frozen experts."""
+
+    def __init__(self, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor, *,
+                 num_experts_per_tok: int, lora_rank: int = 16, lora_alpha: float = 32.0,
+                 method: str = "AMXBF16_SFT", layer_idx: int = 0, generator: Optional[torch.Generator] = None,
+                 **wrapper_kwargs):
+        super().__init__()
+        from ..experts import KTMoEWrapper  # late: experts imports this package
+
+        if gate_proj.dim() != 3 or down_proj.dim() != 3:
+            raise ValueError(f"gate_proj must be [E, I, H] and down_proj [E, H, I], got "
+                             f"{tuple(gate_proj.shape)} and {tuple(down_proj.shape)}")
+        E, I, H = gate_proj.shape
+        self.wrapper = KTMoEWrapper(mode="sft", method=method, layer_idx=layer_idx, num_experts=E,
+                                    num_experts_per_tok=num_experts_per_tok, hidden_size=H,
+                                    moe_intermediate_size=I, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                                    **wrapper_kwargs)
+        self.wrapper.load_weights_from_tensors(gate_proj, up_proj, down_proj)
+        for name, shape in self.wrapper.lora_shapes().items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=torch.float32)))
+        self.reset_lora_parameters(generator)
+        self._bound: tuple = ()
+
+    @property
+    def lora_parameters(self):
+        return [getattr(self, n) for n in LORA_NAMES]
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        for name in LORA_NAMES:
+            p = getattr(self, name)
+            if name.endswith("_a"):
+                bound = 1.0 / math.sqrt(p.shape[-1])  # kaiming_uniform_(a=sqrt(5)) as nn.Linear / PEFT
+                p.uniform_(-bound, bound, generator=generator)
+            else:
+                p.zero_()
+
+    def _bind(self) -> None:
+        params = self.lora_parameters
+        in_place = all(p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous() for p in params)
+        key = tuple(p.data_ptr() for p in params)
+        if in_place and key == self._bound:
+            return
+        self.wrapper.init_lora_weights(*params)
+        self._bound = key if in_place else ()
+
+    def forward(self, hidden_states: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        self._bind()
+        params = self.lora_parameters
+        needs_grad = torch.is_grad_enabled() and (
+            hidden_states.requires_grad or weights.requires_grad or any(p.requires_grad for p in params))
+        if not needs_grad:
+            y, _ = self.wrapper._run_forward(hidden_states, expert_ids, weights, False)
+            return y
+        return KTMoEFunction.apply(self.wrapper, hidden_states, expert_ids, weights, *params)
+
+    def extra_repr(self) -> str:
+        w = self.wrapper
+        return f"method={w.method}, E={w.E}, k={w.k}, H={w.H}, I={w.I}, r={w.lora_rank}, alpha={w.lora_alpha}"

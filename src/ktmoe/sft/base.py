@@ -1,0 +1,305 @@
+"""BaseSFTMoEWrapper: the pure-Python composition of the native stages for one MoE layer.
+
+It owns the layer description handed to C (dims, weight views per TP part, LoRA addresses), checks every
+argument before anything reaches native code, moves tensors to and from the caller's device, and splits
+batches larger than `chunked_prefill_size` into chunks transparently. Formats plug in through
+`ktmoe.formats`; nothing here changes when a method is added."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import _core
+from ..engine import get_engine
+from ..formats import WeightFormat, expert_shapes
+from ..reference import LORA_NAMES
+
+_FLOAT_INPUTS = (torch.bfloat16, torch.float32, torch.float16)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(name: str, t, shape: Sequence[int], dtypes: Sequence[torch.dtype]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+class _Chunk:
+    """One chunk's native context and its token range."""
+
+    __slots__ = ("ctx", "t0", "t1")
+
+    def __init__(self, ctx: _core.Context, t0: int, t1: int):
+        self.ctx, self.t0, self.t1 = ctx, t0, t1
+
+
+class SavedForward:
+    """What backward needs from one forward: the chunks' contexts and the input's dtype/device."""
+
+    __slots__ = ("chunks", "T", "dtype", "device")
+
+    def __init__(self, chunks: List[_Chunk], T: int, dtype: torch.dtype, device: torch.device):
+        self.chunks, self.T, self.dtype, self.device = chunks, T, dtype, device
+
+
+class BaseSFTMoEWrapper:
+    """Routed experts of one MoE layer on the CPU, forward and backward with LoRA."""
+
+    weight_format: WeightFormat  # set by the concrete class / registry
+    method: str = "?"
+    trains = True
+
+    def __init__(self, *, layer_idx: int, num_experts: int, num_experts_per_tok: int, hidden_size: int,
+                 moe_intermediate_size: int, num_gpu_experts: int = 0, cpuinfer_threads: Optional[int] = None,
+                 threadpool_count: int = 1, weight_path: Optional[str] = None, chunked_prefill_size: int = 4096,
+                 lora_rank: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0, group_size: int = 128,
+                 subpool_cpus: Optional[Sequence[Sequence[int]]] = None, method: Optional[str] = None):
+        ints = dict(num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, hidden_size=hidden_size,
+                    moe_intermediate_size=moe_intermediate_size, chunked_prefill_size=chunked_prefill_size,
+                    threadpool_count=threadpool_count)
+        for name, v in ints.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if num_experts_per_tok > num_experts:
+            raise ValueError(f"num_experts_per_tok={num_experts_per_tok} exceeds num_experts={num_experts}")
+        if num_gpu_experts != 0:
+            raise ValueError(f"num_gpu_experts={num_gpu_experts}: only 0 is supported (all routed experts "
+                             "run on the CPU)")
+        if not isinstance(lora_rank, int) or not 0 <= lora_rank <= 256:
+            raise ValueError(f"lora_rank must be an int in [0, 256], got {lora_rank!r}")
+        if lora_dropout != 0.0:
+            raise ValueError(f"lora_dropout={lora_dropout}: only 0.0 is supported by the CPU experts")
+        if cpuinfer_threads is not None and (not isinstance(cpuinfer_threads, int) or cpuinfer_threads < 1):
+            raise ValueError(f"cpuinfer_threads must be None or a positive int, got {cpuinfer_threads!r}")
+        if moe_intermediate_size % threadpool_count != 0:
+            raise ValueError(
+                f"moe_intermediate_size={moe_intermediate_size} is not divisible by "
+                f"threadpool_count={threadpool_count}: each TP subpool needs an equal slice")
+        self.layer_idx = layer_idx
+        self.E, self.k, self.H, self.I = num_experts, num_experts_per_tok, hidden_size, moe_intermediate_size
+        self.P = threadpool_count
+        self.weight_path = weight_path
+        self.chunk = chunked_prefill_size
+        self.lora_rank, self.lora_alpha = lora_rank, float(lora_alpha)
+        self.lora_scale = self.lora_alpha / lora_rank if lora_rank > 0 else 0.0
+        self.group_size = group_size
+        if method is not None:
+            self.method = method
+        self._engine = get_engine(cpuinfer_threads, threadpool_count, subpool_cpus)
+        slice_ = self.I // self.P
+        self.part_i0 = [p * slice_ for p in range(self.P + 1)]
+        self._layer = _core.Layer(self.E, self.k, self.H, self.I, 0, 0.0, self.part_i0)
+        self._weights: Optional[Tuple[object, object, object]] = None
+        self._lora_user: Optional[Tuple[torch.Tensor, ...]] = None  # what init_lora_weights was given
+        self._lora: Optional[Tuple[torch.Tensor, ...]] = None       # fp32 contiguous, read by C in place
+        self._lora_ptrs: Tuple[int, ...] = ()
+        self._saved: Optional[SavedForward] = None
+        self._scratch_ctx = _core.Context()  # reused by calls that save nothing
+
+    # ---- weights ----
+    def load_weights_from_tensors(self, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
+                                  physical_to_logical_map: Optional[torch.Tensor] = None) -> None:
+        """gate_proj, up_proj: [E, I, H]; down_proj: [E, H, I] (out x in, like nn.Linear.weight)."""
+        names = ("gate_proj", "up_proj", "down_proj")
+        for name, t, shape in zip(names, (gate_proj, up_proj, down_proj), expert_shapes(self.E, self.H, self.I)):
+            check_tensor(name, t, shape, _FLOAT_INPUTS)
+        if physical_to_logical_map is not None:
+            order = self._check_expert_map(physical_to_logical_map)
+            gate_proj, up_proj, down_proj = gate_proj[order], up_proj[order], down_proj[order]
+        fmt = self.weight_format
+        packed = tuple(fmt.pack(t) for t in (gate_proj, up_proj, down_proj))
+        self._bind_weights(packed)
+
+    def load_weights(self, physical_to_logical_map: Optional[torch.Tensor] = None) -> None:
+        if self.weight_path is None:
+            raise ValueError("load_weights() needs weight_path= (a folder of pre-converted weights); "
+                             "use load_weights_from_tensors() to load from tensors")
+        raise NotImplementedError("loading pre-quantized weight folders is not implemented yet")
+
+    def _check_expert_map(self, m) -> torch.Tensor:
+        m = torch.as_tensor(m).to("cpu")
+        if m.shape != (self.E,) or m.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"physical_to_logical_map must be an int tensor of shape ({self.E},), "
+                             f"got {_describe(m)}")
+        if int(m.min()) < 0 or int(m.max()) >= self.E:
+            raise ValueError(f"physical_to_logical_map values must be in [0, {self.E})")
+        return m.long()
+
+    def _bind_weights(self, packed: Tuple[object, object, object]) -> None:
+        fmt = self.weight_format
+        for p in range(self.P):
+            for which, w in zip(("gate", "up", "down"), packed):
+                v = fmt.view(w, which, self.part_i0[p])
+                self._layer.set_weight(p, which, v.fmt, v.data_ptr, v.expert_stride, v.row_stride)
+        self._weights = packed
+
+    def weight_nbytes(self) -> int:
+        if self._weights is None:
+            return 0
+        return sum(self.weight_format.nbytes(w) for w in self._weights)
+
+    def dequantized_weights(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The frozen weights as the kernels see them (fp32), for tests and references."""
+        self._require_weights()
+        return tuple(self.weight_format.dequantize(w) for w in self._weights)  # type: ignore[return-value]
+
+    # ---- LoRA ----
+    def lora_shapes(self) -> Dict[str, Tuple[int, int, int]]:
+        E, H, I, r = self.E, self.H, self.I, self.lora_rank
+        return dict(gate_lora_a=(E, r, H), gate_lora_b=(E, I, r), up_lora_a=(E, r, H), up_lora_b=(E, I, r),
+                    down_lora_a=(E, r, I), down_lora_b=(E, H, r))
+
+    def init_lora_weights(self, gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b) -> None:
+        """Binds the six LoRA tensors. fp32 contiguous CPU tensors are read in place (an optimizer updating
+        them is seen by the next call); others are copied, and update_lora_weights() re-reads them."""
+        if self.lora_rank == 0:
+            raise ValueError("this wrapper was built with lora_rank=0")
+        given = (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)
+        for name, t in zip(LORA_NAMES, given):
+            check_tensor(name, t, self.lora_shapes()[name], _FLOAT_INPUTS)
+        self._lora_user = tuple(given)
+        self.update_lora_weights()
+
+    def update_lora_weights(self) -> None:
+        """Re-reads the LoRA tensors given to init_lora_weights (needed only when they were copied)."""
+        if self._lora_user is None:
+            raise RuntimeError("update_lora_weights() before init_lora_weights()")
+        lora = []
+        for t in self._lora_user:
+            t = t.detach()
+            if t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous():
+                lora.append(t)
+            else:
+                lora.append(t.to(device="cpu", dtype=torch.float32).contiguous())
+        self._bind_lora(tuple(lora))
+
+    def _bind_lora(self, lora: Tuple[torch.Tensor, ...]) -> None:
+        self._lora = lora
+        self._lora_ptrs = tuple(t.data_ptr() for t in lora)
+        self._layer.set_lora(self.lora_rank, self.lora_scale, *self._lora_ptrs)
+
+    @property
+    def lora_tensors(self) -> Optional[Dict[str, torch.Tensor]]:
+        return None if self._lora is None else dict(zip(LORA_NAMES, self._lora))
+
+    # ---- checks ----
+    def _require_weights(self) -> None:
+        if self._weights is None:
+            raise RuntimeError("weights are not loaded: call load_weights_from_tensors() or load_weights() first")
+
+    def _check_inputs(self, hidden_states, expert_ids, weights) -> int:
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2 \
+                or hidden_states.shape[1] != self.H:
+            got = _describe(hidden_states) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
+            raise ValueError(f"hidden_states must have shape [T, {self.H}], got {got}")
+        T = hidden_states.shape[0]
+        check_tensor("hidden_states", hidden_states, (T, self.H), _FLOAT_INPUTS)
+        if not isinstance(expert_ids, torch.Tensor) or expert_ids.dim() != 2 or expert_ids.shape[1] != self.k:
+            got = _describe(expert_ids) if isinstance(expert_ids, torch.Tensor) else type(expert_ids).__name__
+            raise ValueError(f"expert_ids must have shape [T, {self.k}] (k = num_experts_per_tok), got {got}")
+        check_tensor("expert_ids", expert_ids, (T, self.k), (torch.int64, torch.int32))
+        check_tensor("weights", weights, (T, self.k), (torch.float32, torch.bfloat16))
+        for name, t in (("expert_ids", expert_ids), ("weights", weights)):
+            if t.device != hidden_states.device:
+                raise ValueError(f"{name} is on {t.device} but hidden_states is on {hidden_states.device}")
+        return T
+
+    def _lora_ready(self) -> bool:
+        if self._lora is None:
+            return False
+        if tuple(t.data_ptr() for t in self._lora) != self._lora_ptrs:  # storage replaced: rebind
+            self._bind_lora(self._lora)
+        return True
+
+    # ---- forward / backward ----
+    @staticmethod
+    def _to_native(t: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+        """A CPU, contiguous bf16 or fp32 tensor and whether it is fp32."""
+        if t.dtype not in (torch.bfloat16, torch.float32):
+            t = t.float()
+        t = t.to("cpu").contiguous()
+        return t, t.dtype == torch.float32
+
+    def _run_forward(self, hidden_states, expert_ids, weights, save: bool) -> Tuple[torch.Tensor, Optional[SavedForward]]:
+        self._require_weights()
+        T = self._check_inputs(hidden_states, expert_ids, weights)
+        if self.lora_rank > 0 and self.trains and save and not self._lora_ready():
+            raise RuntimeError("LoRA weights are not initialised: call init_lora_weights() before training")
+        self._lora_ready()
+        x, x_f32 = self._to_native(hidden_states)
+        ids = expert_ids.to("cpu").contiguous()
+        w = weights.to("cpu").contiguous()
+        out = torch.empty((T, self.H), dtype=x.dtype)
+        chunks: List[_Chunk] = []
+        core = self._engine.core
+        for t0 in range(0, max(T, 1), self.chunk):
+            t1 = min(T, t0 + self.chunk)
+            ctx = _core.Context() if save else self._scratch_ctx
+            ctx.plan(self._layer, t1 - t0, ids[t0:t1].data_ptr(), ids.dtype == torch.int32,
+                     w[t0:t1].data_ptr(), w.dtype == torch.bfloat16)
+            ctx.forward(self._layer, core, x[t0:t1].data_ptr(), x_f32, out[t0:t1].data_ptr(), x_f32, save)
+            if save:
+                chunks.append(_Chunk(ctx, t0, t1))
+        y = out.to(dtype=hidden_states.dtype, device=hidden_states.device)
+        saved = SavedForward(chunks, T, hidden_states.dtype, hidden_states.device) if save else None
+        return y, saved
+
+    def _run_backward(self, saved: SavedForward, grad_output: torch.Tensor
+                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        if saved is None:
+            raise RuntimeError("backward() needs a forward_sft(..., save_for_backward=True) first")
+        check_tensor("grad_output", grad_output, (saved.T, self.H), _FLOAT_INPUTS)
+        dy, dy_f32 = self._to_native(grad_output)
+        dx = torch.empty((saved.T, self.H), dtype=torch.float32 if dy_f32 else torch.bfloat16)
+        dw = torch.empty((saved.T, self.k), dtype=torch.float32)
+        has_lora = self._lora is not None and self.lora_rank > 0
+        grads = {n: torch.empty(s, dtype=torch.float32) for n, s in self.lora_shapes().items()} if has_lora else {}
+        part = ({n: torch.empty(s, dtype=torch.float32) for n, s in self.lora_shapes().items()}
+                if has_lora and len(saved.chunks) > 1 else None)
+        core = self._engine.core
+        for i, c in enumerate(saved.chunks):
+            target = grads if i == 0 or part is None else part
+            ptrs = [target[n].data_ptr() for n in LORA_NAMES] if has_lora else None
+            c.ctx.backward(self._layer, core, dy[c.t0:c.t1].data_ptr(), dy_f32, dx[c.t0:c.t1].data_ptr(), dy_f32,
+                           dw[c.t0:c.t1].data_ptr(), ptrs)
+            if i > 0 and part is not None:
+                for n in LORA_NAMES:
+                    grads[n] += part[n]
+        grad_input = dx.to(dtype=saved.dtype, device=saved.device)
+        grads["weights"] = dw.to(saved.device)
+        return grad_input, grads
+
+    def forward_sft(self, hidden_states: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                    save_for_backward: bool = True) -> torch.Tensor:
+        """[T, H] -> [T, H]. With save_for_backward the activations are kept for backward() (a new
+        forward replaces them, as a recompute under gradient checkpointing must)."""
+        y, saved = self._run_forward(hidden_states, expert_ids, weights, save_for_backward)
+        self._saved = saved
+        return y
+
+    def backward(self, grad_output: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Returns (grad_input [T, H], grads): the six LoRA grads (fp32, LoRA shapes) and "weights" [T, k]."""
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward_sft(..., save_for_backward=True) first")
+        return self._run_backward(self._saved, grad_output)
+
+    def forward(self, hidden_states: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Inference: [T, H] -> [T, H], nothing saved."""
+        y, _ = self._run_forward(hidden_states, expert_ids, weights, False)
+        return y
+
+    def release(self) -> None:
+        """Drops saved activations and work buffers of this layer."""
+        self._saved = None
+        self._scratch_ctx.release()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(method={self.method!r}, layer_idx={self.layer_idx}, E={self.E}, k={self.k}, "
+                f"H={self.H}, I={self.I}, r={self.lora_rank}, threadpool_count={self.P})")
