@@ -56,6 +56,9 @@ cdef extern from "ktmoe.h" nogil:
                    int out_is_f32, int save_for_backward, char *err)
     int kt_backward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *dy, int dy_is_f32, void *dx,
                     int dx_is_f32, float *dw, float *const grads[6], char *err)
+    void kt_profile_enable(int on)
+    int kt_profile_read(int i, const char **name, double *seconds, long *calls)
+    void kt_profile_reset()
     double kt_measure_peak_gflops(kt_engine *eng, double seconds)
     double kt_measure_read_gbps(kt_engine *eng, size_t nbytes)
 
@@ -96,6 +99,28 @@ def cpu_features():
 
 def cpu_brand():
     return kt_cpu_brand().decode()
+
+
+def profile_enable(bint on):
+    """Turns the per-stage timer on or off (off by default; costs two clock reads per stage)."""
+    kt_profile_enable(on)
+
+
+def profile_reset():
+    kt_profile_reset()
+
+
+def profile_read():
+    """{stage name: (seconds, calls)} accumulated since the last reset."""
+    cdef const char *name
+    cdef double sec
+    cdef long calls
+    out = {}
+    cdef int n = kt_profile_read(-1, &name, &sec, &calls)
+    for i in range(n):
+        kt_profile_read(i, &name, &sec, &calls)
+        out[name.decode()] = (sec, calls)
+    return out
 
 
 cdef class Engine:

@@ -2,7 +2,11 @@
  *
  * Threads are grouped into parts (TP subpools). The calling thread is slot 0 of part 0 and works too, so a
  * call costs no hand-off when the pool is small. Idle workers spin briefly on a generation counter (stages
- * of one layer follow each other within microseconds), then sleep on a condition variable. */
+ * of one layer follow each other within microseconds), then sleep on a condition variable.
+ *
+ * Tasks are claimed from per-list counters that pack (job, task count, next task) in one 64-bit word, and
+ * the caller waits for finished tasks, not for workers: a worker the OS has not scheduled yet never holds
+ * up a stage (the others take its share), and a late one cannot claim a task of a job that is over. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
@@ -33,15 +37,34 @@ struct kt_engine {
     pthread_cond_t cv;
     atomic_int sleepers;
     atomic_uint gen;
-    atomic_int done;
     atomic_int stop;
     /* the job */
     kt_task_fn fn;
     void *arg;
     int shared_list;
-    int ntasks[KT_MAX_PARTS];
-    atomic_int next[KT_MAX_PARTS];
+    atomic_uint_fast64_t next[KT_MAX_PARTS]; /* job:24 | count:20 | next:20 */
+    atomic_int finished;
+    int total;
 };
+
+#define TASK_BITS 20
+#define TASK_MASK ((1u << TASK_BITS) - 1)
+
+static uint64_t pack(unsigned job, unsigned count) {
+    return ((uint64_t)(job & 0xffffffu) << (2 * TASK_BITS)) | ((uint64_t)count << TASK_BITS);
+}
+
+/* Next task of `list` for job `job`, or -1 when the list is empty or the job is no longer current. */
+static int claim(kt_engine *eng, int list, unsigned job) {
+    uint64_t v = atomic_load_explicit(&eng->next[list], memory_order_acquire);
+    for (;;) {
+        unsigned t = (unsigned)(v & TASK_MASK), n = (unsigned)((v >> TASK_BITS) & TASK_MASK);
+        if ((unsigned)(v >> (2 * TASK_BITS)) != (job & 0xffffffu) || t >= n) return -1;
+        if (atomic_compare_exchange_weak_explicit(&eng->next[list], &v, v + 1, memory_order_acq_rel,
+                                                  memory_order_acquire))
+            return (int)t;
+    }
+}
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -55,13 +78,14 @@ static long long now_ns(void) {
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-static void work(kt_engine *eng, int tid, int part) {
+/* The list index is passed as the task's part: in shared mode tasks ignore it, and a worker that read a
+ * stale mode still runs a claimed task with the right part. */
+static void work(kt_engine *eng, int tid, int part, unsigned job) {
     int list = eng->shared_list ? 0 : part;
-    int n = eng->ntasks[list];
-    for (;;) {
-        int t = atomic_fetch_add_explicit(&eng->next[list], 1, memory_order_relaxed);
-        if (t >= n) break;
-        eng->fn(eng->arg, eng->shared_list ? 0 : part, t, tid);
+    int t;
+    while ((t = claim(eng, list, job)) >= 0) {
+        eng->fn(eng->arg, list, t, tid);
+        atomic_fetch_add_explicit(&eng->finished, 1, memory_order_release);
     }
 }
 
@@ -92,41 +116,48 @@ static void *worker_main(void *p) {
         }
         seen = g;
         if (atomic_load(&eng->stop)) return NULL;
-        work(eng, w->tid, w->part);
-        atomic_fetch_add_explicit(&eng->done, 1, memory_order_release);
+        work(eng, w->tid, w->part, g);
     }
 }
 
-static void dispatch(kt_engine *eng) {
-    atomic_store(&eng->done, 0);
-    atomic_fetch_add(&eng->gen, 1);
+/* Posts the job whose fields are set, works on it from the calling thread, waits for its last task.
+ * The calling thread helps every list, so no part's tasks wait on a missing worker. */
+static void dispatch(kt_engine *eng, const int *counts, int nlists) {
+    unsigned job = atomic_load(&eng->gen) + 1;
+    eng->total = 0;
+    atomic_store_explicit(&eng->finished, 0, memory_order_relaxed);
+    for (int l = 0; l < nlists; l++) {
+        eng->total += counts[l];
+        atomic_store_explicit(&eng->next[l], pack(job, (unsigned)counts[l]), memory_order_release);
+    }
+    atomic_store(&eng->gen, job);
     if (atomic_load(&eng->sleepers) > 0) {
         pthread_mutex_lock(&eng->mu);
         pthread_cond_broadcast(&eng->cv);
         pthread_mutex_unlock(&eng->mu);
     }
-    work(eng, 0, 0);
-    while (atomic_load_explicit(&eng->done, memory_order_acquire) < eng->nthreads - 1) cpu_relax();
+    work(eng, 0, 0, job);
+    for (int l = 1; l < nlists; l++) work(eng, 0, l, job);
+    while (atomic_load_explicit(&eng->finished, memory_order_acquire) < eng->total) cpu_relax();
 }
 
+static int check_count(int n) { return n < 0 ? 0 : (n > (int)TASK_MASK ? (int)TASK_MASK : n); }
+
 void kt_run_parts(kt_engine *eng, const int *ntasks, kt_task_fn fn, void *arg) {
+    int counts[KT_MAX_PARTS];
+    for (int p = 0; p < eng->nparts; p++) counts[p] = check_count(ntasks[p]);
     eng->fn = fn;
     eng->arg = arg;
     eng->shared_list = 0;
-    for (int p = 0; p < eng->nparts; p++) {
-        eng->ntasks[p] = ntasks[p];
-        atomic_store_explicit(&eng->next[p], 0, memory_order_relaxed);
-    }
-    dispatch(eng);
+    dispatch(eng, counts, eng->nparts);
 }
 
 void kt_run_all(kt_engine *eng, int ntasks, kt_task_fn fn, void *arg) {
+    int count = check_count(ntasks);
     eng->fn = fn;
     eng->arg = arg;
     eng->shared_list = 1;
-    eng->ntasks[0] = ntasks;
-    atomic_store_explicit(&eng->next[0], 0, memory_order_relaxed);
-    dispatch(eng);
+    dispatch(eng, &count, 1);
 }
 
 kt_engine *kt_engine_create(int nparts, const int *part_sizes, const int *cpu_ids, char *err) {

@@ -90,6 +90,11 @@ int kt_forward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *x, in
 int kt_backward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *dy, int dy_is_f32, void *dx,
                 int dx_is_f32, float *dw, float *const grads[6], char *err);
 
+/* Stage profile: enable/disable, read (name, seconds, calls) entries; returns the number of entries. */
+void kt_profile_enable(int on);
+int kt_profile_read(int i, const char **name, double *seconds, long *calls);
+void kt_profile_reset(void);
+
 /* Peak of the active ISA's multiply-accumulate loop on all engine threads, GFLOP/s. */
 double kt_measure_peak_gflops(kt_engine *eng, double seconds);
 /* Read bandwidth over `bytes` of memory on all engine threads, GB/s. */

@@ -65,6 +65,7 @@ int kt_plan(kt_ctx *ctx, const kt_layer *L, int T, const void *ids, int ids_is_i
     carve(&c, sizeof(int) * (size_t)(E + 1));
     carve(&c, sizeof(int) * n);
     carve(&c, sizeof(int) * n);
+    carve(&c, sizeof(int) * n);
     carve(&c, sizeof(float) * n);
     carve(&c, sizeof(int) * (size_t)E); /* counters */
     c.base = kt_buffer_reserve(&ctx->plan_buf, c.used);
@@ -76,6 +77,7 @@ int kt_plan(kt_ctx *ctx, const kt_layer *L, int T, const void *ids, int ids_is_i
     ctx->expert_off = carve(&c, sizeof(int) * (size_t)(E + 1));
     ctx->pair_tok = carve(&c, sizeof(int) * n);
     ctx->pair_slot = carve(&c, sizeof(int) * n);
+    ctx->slot_pair = carve(&c, sizeof(int) * n);
     ctx->pair_w = carve(&c, sizeof(float) * n);
     int *fill = carve(&c, sizeof(int) * (size_t)E);
 
@@ -101,8 +103,10 @@ int kt_plan(kt_ctx *ctx, const kt_layer *L, int T, const void *ids, int ids_is_i
     }
     for (size_t i = 0; i < n; i++) {
         long long id = ids_is_i32 ? ((const int32_t *)ids)[i] : ((const int64_t *)ids)[i];
+        ctx->slot_pair[i] = -1;
         if (id < 0) continue;
         int p = fill[id]++;
+        ctx->slot_pair[i] = p;
         ctx->pair_tok[p] = (int)(i / (size_t)k);
         ctx->pair_slot[p] = (int)i;
         ctx->pair_w[p] = wts_is_bf16 ? bf16_to_f32(((const bf16_t *)wts)[i]) : ((const float *)wts)[i];
@@ -197,13 +201,48 @@ int kt_backward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *dy, 
     return rc;
 }
 
-/* ---- machine measurements for the benchmark ---- */
+/* ---- stage profile ---- */
 
-static double seconds_now(void) {
+#define KT_PROFILE_SLOTS 32
+static struct { const char *name; double seconds; long calls; } profile[KT_PROFILE_SLOTS];
+static int profile_on, profile_n;
+
+double kt_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
+
+void kt_profile_enable(int on) { profile_on = on; }
+void kt_profile_reset(void) { profile_n = 0; }
+
+/* Called by the calling thread only (between dispatches), so no locking. */
+void kt_profile_add(const char *stage, double seconds) {
+    if (!profile_on) return;
+    int i = 0;
+    while (i < profile_n && strcmp(profile[i].name, stage) != 0) i++;
+    if (i == profile_n) {
+        if (profile_n == KT_PROFILE_SLOTS) return;
+        profile[profile_n].name = stage;
+        profile[profile_n].seconds = 0;
+        profile[profile_n].calls = 0;
+        profile_n++;
+    }
+    profile[i].seconds += seconds;
+    profile[i].calls++;
+}
+
+int kt_profile_read(int i, const char **name, double *seconds, long *calls) {
+    if (i < 0 || i >= profile_n) return profile_n;
+    *name = profile[i].name;
+    *seconds = profile[i].seconds;
+    *calls = profile[i].calls;
+    return profile_n;
+}
+
+/* ---- machine measurements for the benchmark ---- */
+
+#define seconds_now kt_now
 
 typedef struct { long iters; double flops[1024]; } peak_arg;
 

@@ -20,9 +20,13 @@ void kt_engine_lock(kt_engine *eng);
 void kt_engine_unlock(kt_engine *eng);
 void *kt_scratch(kt_engine *eng, int tid, size_t bytes);      /* per-thread, grown on demand */
 /* Engine-wide work buffers, valid during one call (forward-only intermediates are not kept per layer). */
-enum { KT_SH_H, KT_SH_YPART, KT_SH_DY, KT_SH_DG, KT_SH_DU, KT_SH_BG, KT_SH_BU, KT_SH_BD, KT_SH_DWPART,
+enum { KT_SH_H, KT_SH_PAIRS, KT_SH_DY, KT_SH_DG, KT_SH_DU, KT_SH_BG, KT_SH_BU, KT_SH_BD, KT_SH_DWPART,
        KT_SH_TASKS, KT_SHARED_SLOTS };
 void *kt_shared_buffer(kt_engine *eng, int slot, size_t bytes);
+
+/* ---- stage timing (KTMOE_PROFILE): cumulative seconds per named stage, read by the bench ---- */
+void kt_profile_add(const char *stage, double seconds);
+double kt_now(void);
 
 /* ---- the per-call context: routing plan + saved activations ---- */
 struct kt_ctx {
@@ -32,6 +36,7 @@ struct kt_ctx {
     int *expert_off;       /* [E + 1]: pairs of expert e are [expert_off[e], expert_off[e + 1]) */
     int *pair_tok;         /* [npairs] token of each pair */
     int *pair_slot;        /* [npairs] t * k + slot */
+    int *slot_pair;        /* [T * k] pair of each slot, -1 for a skipped slot */
     float *pair_w;         /* [npairs] routing weight */
     bf16_t *x;             /* [T, H] bf16 copy of the input */
     bf16_t *g[KT_MAX_PARTS], *u[KT_MAX_PARTS]; /* [npairs, I_p] pre-activation, bf16 */

@@ -18,6 +18,7 @@
 
 #define NB 64  /* output columns per task block */
 #define MC 128 /* rows per GEMM chunk inside a task */
+#define NBH 256 /* columns of H per task in the stages that write per-pair rows of H */
 
 /* ---- element-wise helpers that vectorize (no libm calls) ---- */
 
@@ -72,7 +73,7 @@ typedef struct {
     void *out;
     int out_is_f32;
     bf16_t *h[KT_MAX_PARTS];  /* [npairs, Ip] */
-    float *yp;                /* [nparts, T, H] partial outputs */
+    float *pairbuf;           /* [nparts, npairs, H] per-pair output rows, summed per token by combine */
     /* backward */
     const void *dy;
     int dy_is_f32;
@@ -89,6 +90,18 @@ typedef struct {
 static void fail(stage_args *a, int code, int row) {
     int zero = 0;
     if (atomic_compare_exchange_strong(&a->failed, &zero, code)) atomic_store(&a->bad_row, row);
+}
+
+/* Runs a stage on every part's threads (or on all threads), timing it for the profile. */
+static void run_parts_timed(stage_args *a, const char *name, const int *ntasks, kt_task_fn fn, void *arg) {
+    double t0 = kt_now();
+    kt_run_parts(a->eng, ntasks, fn, arg);
+    kt_profile_add(name, kt_now() - t0);
+}
+static void run_all_timed(stage_args *a, const char *name, int ntasks, kt_task_fn fn, void *arg) {
+    double t0 = kt_now();
+    kt_run_all(a->eng, ntasks, fn, arg);
+    kt_profile_add(name, kt_now() - t0);
 }
 
 /* Row pointers of a chunk of pairs: into a [*, ld] bf16 matrix, either by token or by pair index. */
@@ -134,7 +147,7 @@ static void convert_rows_task(void *arg, int part, int task, int tid) {
 
 static void convert_rows(stage_args *a, const void *src, int src_is_f32, bf16_t *dst) {
     convert_args c = {a, src, src_is_f32, dst};
-    kt_run_all(a->eng, (a->ctx->T + 15) / 16, convert_rows_task, &c);
+    run_all_timed(a, "convert", (a->ctx->T + 15) / 16, convert_rows_task, &c);
 }
 
 /* ---- forward ---- */
@@ -237,83 +250,67 @@ static void fwd_lora_mid_task(void *arg, int part, int task, int tid) {
     }
 }
 
-/* Writes rows [0, T) x columns [n0, n0 + nb) of an fp32 [T, H] accumulator to the output tensor. */
-static void store_columns(const float *acc, void *out, int out_is_f32, int T, int H, int n0, int nb) {
-    for (int t = 0; t < T; t++) {
-        const float *s = acc + (size_t)t * H + n0;
-        if (out_is_f32) {
-            memcpy((float *)out + (size_t)t * H + n0, s, sizeof(float) * (size_t)nb);
-        } else {
-            bf16_t *d = (bf16_t *)out + (size_t)t * H + n0;
-#pragma omp simd
-            for (int n = 0; n < nb; n++) d[n] = kt_round_bf16(s[n]);
-        }
-    }
-}
-
-/* Down GEMM with LoRA and the routing-weighted combine. Task = column block of H, over all experts, so
- * every output element has one writer and the sum order is fixed. */
+/* Down GEMM with LoRA, scaled by the routing weight, into the part's per-pair buffer [npairs, H].
+ * Task = (active expert, column block of H); the combine stage then sums each token's pairs. */
 static void fwd_down_task(void *arg, int part, int task, int tid) {
+    (void)tid;
     stage_args *a = arg;
     const kt_ctx *ctx = a->ctx;
     const kt_layer *L = a->L;
-    int H = L->H, r = L->r, T = ctx->T;
+    int H = L->H, r = L->r;
     int i0 = ctx->part_i0[part], Ip = ctx->part_i0[part + 1] - i0;
-    int n0 = task * NB, nb = H - n0 < NB ? H - n0 : NB;
-    float *y = a->yp + (size_t)part * T * H;
-    float *c = kt_scratch(a->eng, tid, sizeof(float) * MC * NB);
-    if (!c) {
-        fail(a, 2, 0);
-        return;
-    }
-    for (int t = 0; t < T; t++) memset(y + (size_t)t * H + n0, 0, sizeof(float) * (size_t)nb);
+    int e = a->active[task / a->nblk_h];
+    int n0 = (task % a->nblk_h) * NBH, nb = H - n0 < NBH ? H - n0 : NBH;
+    float *dp = a->pairbuf + (size_t)part * ctx->npairs * H;
+    const bf16_t *wd = w_expert(&L->down[part], e) + (size_t)n0 * L->down[part].row_stride;
     const bf16_t *rows[MC];
-    for (int ai = 0; ai < a->nactive; ai++) {
-        int e = a->active[ai];
-        const bf16_t *wd = w_expert(&L->down[part], e) + (size_t)n0 * L->down[part].row_stride;
-        for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
-            int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
-            rows_by_pair(rows, a->h[part], (size_t)Ip, p0, m);
-            gemm_nt(m, nb, Ip, rows, wd, L->down[part].row_stride, 0, c, NB);
-            if (r > 0)
-                add_lora_out(c, NB, m, nb, ctx->ad[part] + (size_t)p0 * r,
-                             L->down_b + ((size_t)e * H + (size_t)n0) * r, r, a->s);
-            for (int i = 0; i < m; i++) {
-                float w = ctx->pair_w[p0 + i];
-                float *yt = y + (size_t)ctx->pair_tok[p0 + i] * H + n0;
-                const float *ci = c + (size_t)i * NB;
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
+        int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
+        float *c = dp + (size_t)p0 * H + n0;
+        rows_by_pair(rows, a->h[part], (size_t)Ip, p0, m);
+        gemm_nt(m, nb, Ip, rows, wd, L->down[part].row_stride, 0, c, (size_t)H);
+        if (r > 0)
+            add_lora_out(c, (size_t)H, m, nb, ctx->ad[part] + (size_t)p0 * r,
+                         L->down_b + ((size_t)e * H + (size_t)n0) * r, r, a->s);
+        for (int i = 0; i < m; i++) {
+            float w = ctx->pair_w[p0 + i];
+            float *ci = c + (size_t)i * H;
 #pragma omp simd
-                for (int n = 0; n < nb; n++) yt[n] += w * ci[n];
-            }
+            for (int n = 0; n < nb; n++) ci[n] *= w;
         }
     }
-    if (ctx->nparts == 1) store_columns(y, a->out, a->out_is_f32, T, H, n0, nb);
 }
 
-/* Sums the parts' [T, H] partials into the output (TP only). Task = 16 rows. */
-typedef struct { stage_args *a; const float *parts; void *out; int out_is_f32; } reduce_args;
+/* out[t] = sum over t's slots and the TP parts of the per-pair rows. Task = 16 tokens. A fixed order:
+ * slots, then parts, so results do not depend on scheduling. */
+typedef struct { stage_args *a; void *out; int out_is_f32; } combine_args;
 
-static void reduce_parts_task(void *arg, int part, int task, int tid) {
+static void combine_task(void *arg, int part, int task, int tid) {
     (void)part;
     (void)tid;
-    reduce_args *ra = arg;
-    const kt_ctx *ctx = ra->a->ctx;
-    size_t H = (size_t)ctx->H, TH = (size_t)ctx->T * H;
+    combine_args *cb = arg;
+    const stage_args *a = cb->a;
+    const kt_ctx *ctx = a->ctx;
+    size_t H = (size_t)ctx->H, per_part = (size_t)ctx->npairs * H;
     int t0 = task * 16, t1 = t0 + 16 < ctx->T ? t0 + 16 : ctx->T;
+    float acc[256];
     for (int t = t0; t < t1; t++) {
-        float acc[256];
         for (size_t n0 = 0; n0 < H; n0 += 256) {
             size_t nb = zmin(256, H - n0);
-            memcpy(acc, ra->parts + (size_t)t * H + n0, sizeof(float) * nb);
-            for (int p = 1; p < ctx->nparts; p++) {
-                const float *s = ra->parts + p * TH + (size_t)t * H + n0;
+            memset(acc, 0, sizeof(float) * nb);
+            for (int j = 0; j < ctx->k; j++) {
+                int p = ctx->slot_pair[(size_t)t * ctx->k + j];
+                if (p < 0) continue;
+                for (int q = 0; q < ctx->nparts; q++) {
+                    const float *src = a->pairbuf + q * per_part + (size_t)p * H + n0;
 #pragma omp simd
-                for (size_t n = 0; n < nb; n++) acc[n] += s[n];
+                    for (size_t n = 0; n < nb; n++) acc[n] += src[n];
+                }
             }
-            if (ra->out_is_f32) {
-                memcpy((float *)ra->out + (size_t)t * H + n0, acc, sizeof(float) * nb);
+            if (cb->out_is_f32) {
+                memcpy((float *)cb->out + (size_t)t * H + n0, acc, sizeof(float) * nb);
             } else {
-                bf16_t *d = (bf16_t *)ra->out + (size_t)t * H + n0;
+                bf16_t *d = (bf16_t *)cb->out + (size_t)t * H + n0;
 #pragma omp simd
                 for (size_t n = 0; n < nb; n++) d[n] = kt_round_bf16(acc[n]);
             }
@@ -321,9 +318,21 @@ static void reduce_parts_task(void *arg, int part, int task, int tid) {
     }
 }
 
-static void reduce_parts(stage_args *a, const float *parts, void *out, int out_is_f32) {
-    reduce_args ra = {a, parts, out, out_is_f32};
-    kt_run_all(a->eng, (a->ctx->T + 15) / 16, reduce_parts_task, &ra);
+static void combine_pairs(stage_args *a, void *out, int out_is_f32) {
+    combine_args cb = {a, out, out_is_f32};
+    run_all_timed(a, "combine", (a->ctx->T + 15) / 16, combine_task, &cb);
+}
+
+/* The per-pair buffer of every part: [nparts, npairs, H] fp32. */
+static int pair_buffer(stage_args *a, char *err) {
+    const kt_ctx *ctx = a->ctx;
+    size_t bytes = sizeof(float) * (size_t)ctx->nparts * ctx->npairs * ctx->H + 64;
+    a->pairbuf = kt_shared_buffer(a->eng, KT_SH_PAIRS, bytes);
+    if (!a->pairbuf) {
+        snprintf(err, KT_ERRLEN, "out of memory (%zu bytes)", bytes);
+        return KT_ENOMEM;
+    }
+    return KT_OK;
 }
 
 /* ---- shared set-up ---- */
@@ -351,7 +360,7 @@ static int setup(stage_args *a, kt_ctx *ctx, const kt_layer *L, kt_engine *eng, 
         a->active[j] = e;
     }
     for (int p = 0; p < ctx->nparts; p++) a->nblk_i[p] = (ctx->part_i0[p + 1] - ctx->part_i0[p] + NB - 1) / NB;
-    a->nblk_h = (ctx->H + NB - 1) / NB;
+    a->nblk_h = (ctx->H + NBH - 1) / NBH;
     return KT_OK;
 }
 
@@ -381,7 +390,7 @@ static int part_matrices(stage_args *a, int slot, bf16_t **mats, char *err) {
     return KT_OK;
 }
 
-static void run_per_part(stage_args *a, const int *ntasks, kt_task_fn fn) { kt_run_parts(a->eng, ntasks, fn, a); }
+
 
 static int forward_impl(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *x, int x_is_f32, void *out,
                         int out_is_f32, char *err) {
@@ -394,23 +403,18 @@ static int forward_impl(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const vo
     convert_rows(&a, x, x_is_f32, ctx->x);
     if ((rc = finish(&a, "hidden_states", err))) return rc;
     if ((rc = part_matrices(&a, KT_SH_H, a.h, err))) return rc;
-    size_t ybytes = sizeof(float) * (size_t)P * T * H + 64;
-    a.yp = kt_shared_buffer(eng, KT_SH_YPART, ybytes);
-    if (!a.yp) {
-        snprintf(err, KT_ERRLEN, "out of memory (%zu bytes)", ybytes);
-        return KT_ENOMEM;
-    }
+    if ((rc = pair_buffer(&a, err))) return rc;
     int nt[KT_MAX_PARTS];
-    if (L->r > 0) kt_run_all(eng, a.nactive, fwd_lora_in_task, &a);
+    if (L->r > 0) run_all_timed(&a, "fwd_lora_in", a.nactive, fwd_lora_in_task, &a);
     for (int p = 0; p < P; p++) nt[p] = a.nactive * a.nblk_i[p];
-    run_per_part(&a, nt, fwd_gate_up_task);
+    run_parts_timed(&a, "fwd_gate_up", nt, fwd_gate_up_task, &a);
     if (L->r > 0) {
         for (int p = 0; p < P; p++) nt[p] = a.nactive;
-        run_per_part(&a, nt, fwd_lora_mid_task);
+        run_parts_timed(&a, "fwd_lora_mid", nt, fwd_lora_mid_task, &a);
     }
-    for (int p = 0; p < P; p++) nt[p] = a.nblk_h;
-    run_per_part(&a, nt, fwd_down_task);
-    if (P > 1) reduce_parts(&a, a.yp, out, out_is_f32);
+    for (int p = 0; p < P; p++) nt[p] = a.nactive * a.nblk_h;
+    run_parts_timed(&a, "fwd_down", nt, fwd_down_task, &a);
+    combine_pairs(&a, out, out_is_f32);
     return finish(&a, "hidden_states", err);
 }
 
@@ -612,56 +616,50 @@ static void bwd_lora_sum_task(void *arg, int part, int task, int tid) {
     }
 }
 
-/* dx = dg Wg + du Wu + s (bg Ag + bu Au), summed into token rows. Task = column block of H over all
- * experts (one writer per element, fixed order). */
+/* dx rows per pair = dg Wg + du Wu + s (bg Ag + bu Au), into the part's per-pair buffer; the combine
+ * stage sums each token's pairs. Task = (active expert, column block of H). */
 static void bwd_dx_task(void *arg, int part, int task, int tid) {
     stage_args *a = arg;
     const kt_ctx *ctx = a->ctx;
     const kt_layer *L = a->L;
-    int H = L->H, r = L->r, T = ctx->T;
+    int H = L->H, r = L->r;
     int i0 = ctx->part_i0[part], Ip = ctx->part_i0[part + 1] - i0;
-    int n0 = task * NB, nb = H - n0 < NB ? H - n0 : NB;
-    float *dx = a->yp + (size_t)part * T * H;
-    float *c1 = kt_scratch(a->eng, tid, sizeof(float) * 2 * MC * NB);
-    if (!c1) {
+    int e = a->active[task / a->nblk_h];
+    int n0 = (task % a->nblk_h) * NBH, nb = H - n0 < NBH ? H - n0 : NBH;
+    float *dp = a->pairbuf + (size_t)part * ctx->npairs * H;
+    float *c2 = kt_scratch(a->eng, tid, sizeof(float) * MC * NBH);
+    if (!c2) {
         fail(a, 2, 0);
         return;
     }
-    float *c2 = c1 + MC * NB;
-    for (int t = 0; t < T; t++) memset(dx + (size_t)t * H + n0, 0, sizeof(float) * (size_t)nb);
+    (void)i0;
+    const bf16_t *wg = w_expert(&L->gate[part], e) + n0, *wu = w_expert(&L->up[part], e) + n0;
     const bf16_t *rows_g[MC], *rows_u[MC];
-    for (int ai = 0; ai < a->nactive; ai++) {
-        int e = a->active[ai];
-        const bf16_t *wg = w_expert(&L->gate[part], e) + n0, *wu = w_expert(&L->up[part], e) + n0;
-        for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
-            int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
-            rows_by_pair(rows_g, a->dg[part], (size_t)Ip, p0, m);
-            rows_by_pair(rows_u, a->du[part], (size_t)Ip, p0, m);
-            gemm_nn(m, nb, Ip, rows_g, wg, L->gate[part].row_stride, c1, NB);
-            gemm_nn(m, nb, Ip, rows_u, wu, L->up[part].row_stride, c2, NB);
-            for (int i = 0; i < m; i++) {
-                int p = p0 + i;
-                float *ci = c1 + (size_t)i * NB;
-                const float *c2i = c2 + (size_t)i * NB;
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
+        int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
+        float *c1 = dp + (size_t)p0 * H + n0;
+        rows_by_pair(rows_g, a->dg[part], (size_t)Ip, p0, m);
+        rows_by_pair(rows_u, a->du[part], (size_t)Ip, p0, m);
+        gemm_nn(m, nb, Ip, rows_g, wg, L->gate[part].row_stride, c1, (size_t)H);
+        gemm_nn(m, nb, Ip, rows_u, wu, L->up[part].row_stride, c2, NBH);
+        for (int i = 0; i < m; i++) {
+            int p = p0 + i;
+            float *ci = c1 + (size_t)i * H;
+            const float *c2i = c2 + (size_t)i * NBH;
 #pragma omp simd
-                for (int n = 0; n < nb; n++) ci[n] += c2i[n];
-                if (r > 0) {
-                    const float *bg = a->bg[part] + (size_t)p * r, *bu = a->bu[part] + (size_t)p * r;
-                    const float *ag_w = L->gate_a + (size_t)e * r * H + n0, *au_w = L->up_a + (size_t)e * r * H + n0;
-                    for (int j = 0; j < r; j++) {
-                        float sg = a->s * bg[j], su = a->s * bu[j];
-                        const float *rg = ag_w + (size_t)j * H, *ru = au_w + (size_t)j * H;
+            for (int n = 0; n < nb; n++) ci[n] += c2i[n];
+            if (r > 0) {
+                const float *bg = a->bg[part] + (size_t)p * r, *bu = a->bu[part] + (size_t)p * r;
+                const float *ag_w = L->gate_a + (size_t)e * r * H + n0, *au_w = L->up_a + (size_t)e * r * H + n0;
+                for (int j = 0; j < r; j++) {
+                    float sg = a->s * bg[j], su = a->s * bu[j];
+                    const float *rg = ag_w + (size_t)j * H, *ru = au_w + (size_t)j * H;
 #pragma omp simd
-                        for (int n = 0; n < nb; n++) ci[n] += sg * rg[n] + su * ru[n];
-                    }
+                    for (int n = 0; n < nb; n++) ci[n] += sg * rg[n] + su * ru[n];
                 }
-                float *xt = dx + (size_t)ctx->pair_tok[p] * H + n0;
-#pragma omp simd
-                for (int n = 0; n < nb; n++) xt[n] += ci[n];
             }
         }
     }
-    if (ctx->nparts == 1) store_columns(dx, a->out, a->out_is_f32, T, H, n0, nb);
 }
 
 static int backward_impl(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *dy, int dy_is_f32, void *dx,
@@ -675,12 +673,12 @@ static int backward_impl(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const v
     a.out_is_f32 = dx_is_f32;
     a.grads = grads;
     a.dyb = kt_shared_buffer(eng, KT_SH_DY, sizeof(bf16_t) * (size_t)T * H + 64);
-    a.yp = kt_shared_buffer(eng, KT_SH_YPART, sizeof(float) * (size_t)P * T * H + 64);
     int maxblk = 0;
     for (int p = 0; p < P; p++) maxblk = a.nblk_i[p] > maxblk ? a.nblk_i[p] : maxblk;
     float *dwp = kt_shared_buffer(eng, KT_SH_DWPART, sizeof(float) * (size_t)P * maxblk * np + 64);
     float *lora = r > 0 ? kt_shared_buffer(eng, KT_SH_BD, sizeof(float) * np * r * (1 + 2 * (size_t)P) + 64) : NULL;
-    if (!a.dyb || !a.yp || !dwp || (r > 0 && !lora)) {
+    if ((rc = pair_buffer(&a, err))) return rc;
+    if (!a.dyb || !dwp || (r > 0 && !lora)) {
         snprintf(err, KT_ERRLEN, "out of memory for backward work space");
         return KT_ENOMEM;
     }
@@ -697,17 +695,17 @@ static int backward_impl(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const v
     if ((rc = finish(&a, "grad_output", err))) return rc;
 
     int nt[KT_MAX_PARTS];
-    if (r > 0) kt_run_all(eng, a.nactive, bwd_lora_dy_task, &a);
+    if (r > 0) run_all_timed(&a, "bwd_lora_dy", a.nactive, bwd_lora_dy_task, &a);
     for (int p = 0; p < P; p++) nt[p] = a.nactive * a.nblk_i[p];
-    run_per_part(&a, nt, bwd_down_act_task);
+    run_parts_timed(&a, "bwd_down_act", nt, bwd_down_act_task, &a);
     if (r > 0) {
         for (int p = 0; p < P; p++) nt[p] = a.nactive;
-        run_per_part(&a, nt, bwd_lora_mid_task);
-        kt_run_all(eng, ctx->E, bwd_lora_sum_task, &a);
+        run_parts_timed(&a, "bwd_lora_mid", nt, bwd_lora_mid_task, &a);
+        run_all_timed(&a, "bwd_lora_sum", ctx->E, bwd_lora_sum_task, &a);
     }
-    for (int p = 0; p < P; p++) nt[p] = a.nblk_h;
-    run_per_part(&a, nt, bwd_dx_task);
-    if (P > 1) reduce_parts(&a, a.yp, dx, dx_is_f32);
+    for (int p = 0; p < P; p++) nt[p] = a.nactive * a.nblk_h;
+    run_parts_timed(&a, "bwd_dx", nt, bwd_dx_task, &a);
+    combine_pairs(&a, dx, dx_is_f32);
     if ((rc = finish(&a, "grad_output", err))) return rc;
 
     /* routing-weight grads: sum the (part, block) partials of each pair */

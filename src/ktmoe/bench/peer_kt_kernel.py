@@ -1,0 +1,131 @@
+"""Driver that times kt-kernel's SFT experts for `python -m ktmoe.bench`. It is NOT part of ktmoe's API.
+
+It runs under ANOTHER interpreter (the one kt-kernel is installed in, given by --peer-python or
+$KTMOE_PEER_PYTHON) as a plain script; it imports torch, kt_kernel and the sibling `workload.py` (by
+path) and never ktmoe, so kt-kernel never becomes a ktmoe dependency and the two never share a process.
+
+Protocol: argv[1] is a JSON config {E, k, H, I, rank, alpha, threads, threadpool_count, method, seed,
+max_tokens}. kt-kernel's C++ code prints to stdout, so every reply is one line that starts with MARK
+followed by JSON. After setup it replies {"ready": true, ...memory...} or {"error": "..."}; then it reads
+one JSON command per stdin line:
+    {"cmd": "step", "T": 16, "n": 1}  -> {"fwd_ms": [...], "bwd_ms": [...]}   (n forward+backward steps)
+    {"cmd": "rss"}                     -> {"rss": bytes}
+    {"cmd": "quit"}                    -> exits
+Errors inside a command are replied as {"error": "..."}; the driver keeps serving.
+
+kt-kernel calls used (0.7.2): kt_kernel.KTMoEWrapper(mode="sft", method=..., gpu_experts_mask=None,
+weight_path=None, ...); load_weights_from_tensors(gate, up, down, physical_to_logical_map);
+init_lora_weights(6 bf16 LoRA tensors, 6 bf16 grad buffers); forward(x, ids, w, save_for_backward=True)
+(kt-kernel's SFT wrapper has no forward_sft); backward(grad_output) -> (grad_input, grad_weights), the
+LoRA grads landing in the buffers given to init_lora_weights."""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+
+MARK = "@@KTMOE-PEER@@ "
+
+
+def reply(obj) -> None:
+    sys.stdout.write(MARK + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _die_with_parent() -> None:
+    """If the bench dies (even while it holds this process SIGSTOPped), take this process down too."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        pass
+
+
+def main() -> int:
+    _die_with_parent()
+    cfg = json.loads(sys.argv[1])
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import torch
+        import workload as wl  # the sibling file, by path: same data as the in-process side
+
+        torch.set_num_threads(max(1, int(cfg["threads"])))
+        E, k, H, I, r = (int(cfg[n]) for n in ("E", "k", "H", "I", "rank"))
+        rss0 = wl.rss_bytes()
+        import kt_kernel
+        from kt_kernel import KTMoEWrapper
+
+        rss_import = wl.rss_bytes()
+        w = KTMoEWrapper(layer_idx=0, num_experts=E, num_experts_per_tok=k, hidden_size=H,
+                         moe_intermediate_size=I, gpu_experts_mask=None, cpuinfer_threads=int(cfg["threads"]),
+                         threadpool_count=int(cfg["threadpool_count"]), weight_path=None,
+                         chunked_prefill_size=int(cfg["max_tokens"]), method=cfg["method"], mode="sft",
+                         lora_rank=r, lora_alpha=float(cfg["alpha"]))
+        rss_before = wl.rss_bytes()
+        gate, up, down = wl.make_weights(E, H, I, seed=int(cfg["seed"]))
+        w.load_weights_from_tensors(gate, up, down, torch.arange(E, dtype=torch.int64))
+        del gate, up, down  # the caller's copy goes; what stays resident is kt-kernel's own
+        gc.collect()
+        lora = wl.make_lora(E, H, I, r, torch.bfloat16, seed=int(cfg["seed"]) + 1)
+        grads = {n: torch.zeros_like(t) for n, t in lora.items()}
+        w.init_lora_weights(*(lora[n] for n in wl.LORA_ORDER), *(grads[n] for n in wl.LORA_ORDER))
+        rss_load = wl.rss_bytes()
+        inputs = {}
+
+        def get_inputs(T):
+            if T not in inputs:
+                inputs[T] = wl.make_inputs(T, E, k, H, seed=int(cfg["seed"]) + 2)
+            return inputs[T]
+
+        def step(T):
+            x, ids, wts, dy = get_inputs(T)
+            t0 = time.perf_counter()
+            w.forward(x, ids, wts, save_for_backward=True)
+            t1 = time.perf_counter()
+            w.backward(dy)
+            t2 = time.perf_counter()
+            return (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+        step(min(16, int(cfg["max_tokens"])))
+        rss_step = wl.rss_bytes()
+        reply(dict(ready=True, version=getattr(kt_kernel, "__version__", "?"),
+                   cpu_variant=str(getattr(kt_kernel, "__cpu_variant__", "?")),
+                   torch=torch.__version__, rss_start=rss0, rss_import=rss_import, rss_before_weights=rss_before,
+                   rss_after_load=rss_load, rss_after_step=rss_step,
+                   weights_bytes=wl.weight_bytes_bf16(E, H, I), lora_bytes=wl.lora_numel(E, H, I, r) * 2))
+    except Exception as exc:  # setup failed: say why and stop
+        reply(dict(error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc(limit=4)))
+        return 1
+
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            cmd = json.loads(line)
+            if cmd["cmd"] == "quit":
+                break
+            if cmd["cmd"] == "rss":
+                reply(dict(rss=wl.rss_bytes()))
+            elif cmd["cmd"] == "step":
+                fwd, bwd = [], []
+                for _ in range(int(cmd.get("n", 1))):
+                    f, b = step(int(cmd["T"]))
+                    fwd.append(f)
+                    bwd.append(b)
+                reply(dict(fwd_ms=fwd, bwd_ms=bwd))
+            else:
+                reply(dict(error=f"unknown command {cmd['cmd']!r}"))
+        except Exception as exc:
+            reply(dict(error=f"{type(exc).__name__}: {exc}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
