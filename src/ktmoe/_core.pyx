@@ -27,8 +27,9 @@ cdef extern from "ktmoe.h" nogil:
     ctypedef struct kt_wmat:
         int fmt
         const void *data
-        size_t expert_stride
-        size_t row_stride
+        const float *scale
+        const float *zero
+        int rows, cols, row0, col0, group
     ctypedef struct kt_layer:
         int E, k, H, I, r
         float lora_scale
@@ -192,7 +193,8 @@ cdef class Layer:
         for p in range(P + 1):
             self.L.part_i0[p] = part_i0[p]
 
-    def set_weight(self, int part, str which, int fmt, uintptr_t data, size_t expert_stride, size_t row_stride):
+    def set_weight(self, int part, str which, int fmt, uintptr_t data, uintptr_t scale, uintptr_t zero,
+                   int rows, int cols, int row0, int col0, int group):
         cdef kt_wmat *w
         if which == "gate":
             w = &self.L.gate[part]
@@ -202,10 +204,19 @@ cdef class Layer:
             w = &self.L.down[part]
         else:
             raise ValueError(which)
+        if part < 0 or part >= self.L.nparts:
+            raise ValueError(f"part {part} outside [0, {self.L.nparts})")
+        if group < 1 or cols % group != 0:
+            raise ValueError(f"group={group} must divide cols={cols}")
         w.fmt = fmt
         w.data = <const void *>data
-        w.expert_stride = expert_stride
-        w.row_stride = row_stride
+        w.scale = <const float *>scale
+        w.zero = <const float *>zero
+        w.rows = rows
+        w.cols = cols
+        w.row0 = row0
+        w.col0 = col0
+        w.group = group
 
     def set_lora(self, int r, float scale, uintptr_t ga, uintptr_t gb, uintptr_t ua, uintptr_t ub, uintptr_t da, uintptr_t db):
         self.L.r = r

@@ -1,67 +1,206 @@
 """Frozen-weight formats: how a method stores gate/up/down, and the per-TP-part views the kernels read.
 
-A format packs each projection once ([E, rows, cols], out x in) and hands out views that start at a TP
-part's slice of the intermediate dimension: rows [i0, i1) of gate/up, columns [i0, i1) of down. Backward
-reads the same storage (transposed access), so nothing is stored twice."""
+A format packs each projection once ([E, rows, cols], out x in) and describes a view that starts at a TP
+part's slice of the intermediate dimension: rows [i0, ...) of gate/up, columns [i0, ...) of down. The
+kernels decode quantized blocks on the fly, and backward reads the same packed bytes (transposed access),
+so nothing is stored twice. Codes and layouts match enum kt_wfmt in kernels/ktmoe.h."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
-# Format codes shared with the C side (enum kt_wfmt in kernels/ktmoe.h).
-FMT_BF16 = 0
+FMT_BF16, FMT_INT8, FMT_INT4, FMT_INT4_1 = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
 class WeightView:
     fmt: int
     data_ptr: int
-    expert_stride: int  # elements
-    row_stride: int     # elements
+    scale_ptr: int
+    zero_ptr: int
+    rows: int
+    cols: int
+    row0: int
+    col0: int
+    group: int
+
+
+@dataclass
+class Packed:
+    """One projection of all experts in a format: codes, and per-group scales / zeros."""
+
+    data: torch.Tensor                 # bf16 [E, R, C]; int8 [E, R, C]; uint8 [E, R, C // 2] for int4
+    scale: Optional[torch.Tensor]      # fp32 [E, R, C // group]
+    zero: Optional[torch.Tensor]       # fp32 [E, R, C // group] (INT4_1 formats)
+    shape: Tuple[int, int, int]
+    group: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)
 
 
 class WeightFormat:
-    """Base class; one subclass per storage format."""
+    """Base class; one subclass per storage format. `per_group` formats take the wrapper's group_size."""
 
     name = "?"
     code = -1
     bits = 16
+    per_group = False
 
-    def pack(self, w: torch.Tensor) -> object:
+    def group_for(self, cols: int, group_size: int) -> int:
+        if not self.per_group:
+            return cols
+        if group_size < 1 or cols % group_size != 0:
+            raise ValueError(f"{self.name}: group_size={group_size} must divide the input size {cols}")
+        return group_size
+
+    def check_tp(self, which: str, cols: int, group: int, i0: int) -> None:
+        """A TP slice of down's columns must start on a group boundary for K-group formats."""
+        if which == "down" and group < cols and i0 % group != 0:
+            raise ValueError(f"{self.name}: the TP slice of moe_intermediate_size starts at column {i0}, "
+                             f"not a multiple of group_size={group}; pick a threadpool_count whose slice "
+                             f"(moe_intermediate_size / threadpool_count) is a multiple of group_size")
+
+    def pack(self, w: torch.Tensor, group_size: int = 128) -> Packed:
+        E, R, C = w.shape
+        group = self.group_for(C, group_size)
+        datas, scales, zeros = [], [], []
+        for e in range(E):  # one expert at a time: temporaries stay small
+            d, s, z = self._quantize(w[e].detach().to("cpu", torch.float32), group)
+            datas.append(d)
+            scales.append(s)
+            zeros.append(z)
+        stack = lambda ts: None if ts[0] is None else torch.stack(ts).contiguous()  # noqa: E731
+        return Packed(stack(datas), stack(scales), stack(zeros), (E, R, C), group)
+
+    def _quantize(self, w: torch.Tensor, group: int):
         raise NotImplementedError
 
-    def view(self, packed: object, which: str, i0: int) -> WeightView:
-        raise NotImplementedError
+    def view(self, packed: Packed, which: str, i0: int) -> WeightView:
+        E, R, C = packed.shape
+        self.check_tp(which, C, packed.group, i0)
+        row0, col0 = (i0, 0) if which in ("gate", "up") else (0, i0)
+        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+        return WeightView(self.code, packed.data.data_ptr(), ptr(packed.scale), ptr(packed.zero), R, C, row0, col0,
+                          packed.group)
 
-    def nbytes(self, packed: object) -> int:
-        raise NotImplementedError
+    def nbytes(self, packed: Packed) -> int:
+        return packed.nbytes()
 
-    def dequantize(self, packed: object) -> torch.Tensor:
-        """The weights the kernels effectively use, as fp32 [E, rows, cols] (for tests)."""
+    def dequantize(self, packed: Packed) -> torch.Tensor:
+        """The weights exactly as the kernels use them (bf16 values), as fp32 [E, rows, cols]."""
+        E, R, C = packed.shape
+        codes = self._codes(packed).float().reshape(E, R, C // packed.group, packed.group)
+        s = packed.scale.unsqueeze(-1)
+        w = self._decode(codes, s, None if packed.zero is None else packed.zero.unsqueeze(-1))
+        return w.reshape(E, R, C).to(torch.bfloat16).float()
+
+    def _codes(self, packed: Packed) -> torch.Tensor:
+        return packed.data
+
+    def _decode(self, codes, scale, zero):
         raise NotImplementedError
 
 
 class BF16Format(WeightFormat):
-    name = "bf16"
-    code = FMT_BF16
-    bits = 16
+    name, code, bits = "bf16", FMT_BF16, 16
 
-    def pack(self, w: torch.Tensor) -> torch.Tensor:
+    def pack(self, w: torch.Tensor, group_size: int = 128) -> Packed:
         # A bf16, contiguous CPU tensor is used in place: no second copy of the weights.
-        return w.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
+        data = w.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
+        return Packed(data, None, None, tuple(w.shape), w.shape[2])
 
-    def view(self, packed: torch.Tensor, which: str, i0: int) -> WeightView:
-        E, rows, cols = packed.shape
-        offset = i0 * cols if which in ("gate", "up") else i0  # gate/up: rows; down: columns
-        return WeightView(self.code, packed.data_ptr() + 2 * offset, rows * cols, cols)
+    def dequantize(self, packed: Packed) -> torch.Tensor:
+        return packed.data.float()
 
-    def nbytes(self, packed: torch.Tensor) -> int:
-        return packed.numel() * packed.element_size()
 
-    def dequantize(self, packed: torch.Tensor) -> torch.Tensor:
-        return packed.float()
+def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+    R, C = w.shape
+    return w.reshape(R, C // group, group)
+
+
+class Int8Format(WeightFormat):
+    """Symmetric int8, one scale per row (or per group)."""
+
+    name, code, bits = "int8", FMT_INT8, 8
+
+    def _quantize(self, w, group):
+        g = _grouped(w, group)
+        scale = g.abs().amax(-1) / 127.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(g / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+        return q.reshape(w.shape), scale, None
+
+    def _decode(self, codes, scale, zero):
+        return scale * codes
+
+
+def _pack_nibbles(n: torch.Tensor) -> torch.Tensor:
+    """[R, C] values in [0, 15] -> [R, C // 2] bytes, low nibble = even column."""
+    n = n.to(torch.uint8)
+    return (n[:, 0::2] | (n[:, 1::2] << 4)).contiguous()
+
+
+def _unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
+    lo, hi = b & 15, b >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
+
+
+class Int4Format(WeightFormat):
+    """Symmetric int4: w = scale * (n - 8), n in [0, 15]."""
+
+    name, code, bits = "int4", FMT_INT4, 4
+
+    def group_for(self, cols: int, group_size: int) -> int:
+        if cols % 2:
+            raise ValueError(f"{self.name}: the input size {cols} must be even (two weights per byte)")
+        return super().group_for(cols, group_size)
+
+    def _quantize(self, w, group):
+        g = _grouped(w, group)
+        scale = g.abs().amax(-1) / 7.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(g / scale.unsqueeze(-1)).clamp_(-8, 7) + 8
+        return _pack_nibbles(q.reshape(w.shape)), scale, None
+
+    def _codes(self, packed):
+        return _unpack_nibbles(packed.data)
+
+    def _decode(self, codes, scale, zero):
+        return scale * codes + (-8.0 * scale)
+
+
+class Int4ZeroFormat(Int4Format):
+    """Asymmetric int4 with a zero point: w = scale * n + zero (zero = the group's minimum)."""
+
+    name, code, bits = "int4_1", FMT_INT4_1, 4
+
+    def _quantize(self, w, group):
+        g = _grouped(w, group)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = (hi - lo) / 15.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        n = torch.round((g - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, 15)
+        return _pack_nibbles(n.reshape(w.shape)), scale, lo
+
+    def _decode(self, codes, scale, zero):
+        return scale * codes + zero
+
+
+class KGroup:
+    """Mixin: the same format with one scale (and zero) per `group_size` columns of a row."""
+
+    per_group = True
+
+
+class Int4KGroupFormat(KGroup, Int4Format):
+    name = "int4_kgroup"
+
+
+class Int4ZeroKGroupFormat(KGroup, Int4ZeroFormat):
+    name = "int4_1_kgroup"
 
 
 def expert_shapes(E: int, H: int, I: int) -> Tuple[Tuple[int, int, int], ...]:

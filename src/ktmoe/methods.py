@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Type
 
-from .formats import BF16Format, WeightFormat
+from .formats import (BF16Format, Int4Format, Int4KGroupFormat, Int4ZeroFormat, Int4ZeroKGroupFormat, Int8Format,
+                      WeightFormat)
 from .sft.amx import AMXSFTMoEWrapper, InferenceMoEWrapper
 from .sft.base import BaseSFTMoEWrapper
 
@@ -30,6 +31,11 @@ def register(name: str, weight_format: WeightFormat) -> None:
 
 
 register("AMXBF16", BF16Format())
+register("AMXINT8", Int8Format())
+register("AMXINT4", Int4Format())
+register("AMXINT4_1", Int4ZeroFormat())
+register("AMXINT4_KGroup", Int4KGroupFormat())
+register("AMXINT4_1KGroup", Int4ZeroKGroupFormat())
 
 SFT_METHODS: FrozenSet[str] = frozenset(n for n, m in REGISTRY.items() if m.mode == "sft")
 INFERENCE_METHODS: FrozenSet[str] = frozenset(n for n, m in REGISTRY.items() if m.mode == "inference")

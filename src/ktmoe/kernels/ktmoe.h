@@ -49,12 +49,21 @@ void kt_engine_destroy(kt_engine *eng);
 int kt_engine_threads(const kt_engine *eng);
 int kt_engine_parts(const kt_engine *eng);
 
-/* ---- Weights of one projection for all experts: [E, rows, cols] with strides (in elements). ---- */
-enum kt_wfmt { KT_W_BF16 = 0 };
+/* ---- Frozen weights of one projection for all experts: [E, rows, cols], out x in. ----
+ * Quantized formats keep one scale (and for _1 formats one zero) per group of `group` columns of a row:
+ *   INT8:   w = scale * q,            q int8, one byte per weight
+ *   INT4:   w = scale * (n - 8),      n in [0, 15], two per byte, low nibble first
+ *   INT4_1: w = scale * n + zero,     n in [0, 15], two per byte, low nibble first
+ * group == cols is one scale per row; group < cols is the K-group variant. */
+enum kt_wfmt { KT_W_BF16 = 0, KT_W_INT8 = 1, KT_W_INT4 = 2, KT_W_INT4_1 = 3 };
 typedef struct {
     int fmt;
-    const void *data;
-    size_t expert_stride, row_stride;
+    const void *data;      /* the whole [E, rows, cols] tensor */
+    const float *scale;    /* [E, rows, cols / group]; NULL for bf16 */
+    const float *zero;     /* same shape; INT4_1 only */
+    int rows, cols;        /* of one expert's matrix */
+    int row0, col0;        /* where this TP part's view starts */
+    int group;             /* columns per scale group */
 } kt_wmat;
 
 /* ---- A layer: dims, the frozen weights of each TP part, the LoRA tensors (fp32, full, read in place). ---- */

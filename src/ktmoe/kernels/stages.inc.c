@@ -51,9 +51,56 @@ static inline bf16_t kt_round_bf16(float f) {
 
 static inline size_t zmin(size_t a, size_t b) { return a < b ? a : b; }
 
-/* Weight block addressing. Quantized formats will decode a block into a bf16 scratch here. */
-static inline const bf16_t *w_expert(const kt_wmat *w, int e) {
-    return (const bf16_t *)w->data + (size_t)e * w->expert_stride;
+/* ---- frozen weights: one block of an expert's matrix as bf16 ----
+ * bf16 weights are read where they lie; quantized ones are decoded into the caller's scratch (the same
+ * packed bytes serve forward and the transposed backward access: nothing is stored twice). */
+
+static void dequant_block(const kt_wmat *w, int e, int r0, int nr, int c0, int nc, bf16_t *dst) {
+    int ngroups = w->cols / w->group;
+    for (int r = 0; r < nr; r++) {
+        size_t row = (size_t)e * w->rows + (size_t)(w->row0 + r0 + r);
+        const float *sc = w->scale + row * ngroups, *zr = w->zero ? w->zero + row * ngroups : NULL;
+        bf16_t *d = dst + (size_t)r * nc;
+        int c = 0;
+        while (c < nc) {
+            int col = w->col0 + c0 + c, g = col / w->group;
+            int run = (g + 1) * w->group - col;
+            if (run > nc - c) run = nc - c;
+            float s = sc[g], z = zr ? zr[g] : 0.f;
+            size_t at = row * w->cols + (size_t)col;
+            if (w->fmt == KT_W_INT8) {
+                const int8_t *q = (const int8_t *)w->data + at;
+#pragma omp simd
+                for (int i = 0; i < run; i++) d[c + i] = kt_round_bf16(s * (float)q[i]);
+            } else {
+                const uint8_t *q = (const uint8_t *)w->data;
+                float off = w->fmt == KT_W_INT4 ? -8.0f * s : z;
+#pragma omp simd
+                for (int i = 0; i < run; i++) {
+                    size_t k = at + (size_t)i;
+                    int nib = (q[k >> 1] >> ((k & 1) * 4)) & 15;
+                    d[c + i] = kt_round_bf16(s * (float)nib + off);
+                }
+            }
+            c += run;
+        }
+    }
+}
+
+/* Rows [r0, r0 + nr) x columns [c0, c0 + nc) of expert e's matrix, relative to the part's view, as bf16
+ * with row stride *ld. `scratch` must hold nr * nc values for quantized formats. */
+static const bf16_t *w_block(const kt_wmat *w, int e, int r0, int nr, int c0, int nc, bf16_t *scratch, size_t *ld) {
+    if (w->fmt == KT_W_BF16) {
+        *ld = (size_t)w->cols;
+        return (const bf16_t *)w->data + ((size_t)e * w->rows + (size_t)(w->row0 + r0)) * w->cols + w->col0 + c0;
+    }
+    dequant_block(w, e, r0, nr, c0, nc, scratch);
+    *ld = (size_t)nc;
+    return scratch;
+}
+
+static inline size_t w_scratch_elems(const kt_wmat *w, size_t nr, size_t nc) {
+    return w->fmt == KT_W_BF16 ? 0 : nr * nc;
 }
 
 /* ---- the call's shared state ---- */
@@ -194,20 +241,23 @@ static void fwd_gate_up_task(void *arg, int part, int task, int tid) {
     int i0 = ctx->part_i0[part], Ip = ctx->part_i0[part + 1] - i0;
     int n0 = (task % nblk) * NB, nb = Ip - n0 < NB ? Ip - n0 : NB;
     int H = L->H, r = L->r;
-    float *cg = kt_scratch(a->eng, tid, sizeof(float) * 2 * MC * NB);
+    size_t deq = w_scratch_elems(&L->gate[part], (size_t)nb, (size_t)H);
+    float *cg = kt_scratch(a->eng, tid, sizeof(float) * 2 * MC * NB + sizeof(bf16_t) * 2 * deq);
     if (!cg) {
         fail(a, 2, 0);
         return;
     }
     float *cu = cg + MC * NB;
-    const bf16_t *wg = w_expert(&L->gate[part], e) + (size_t)n0 * L->gate[part].row_stride;
-    const bf16_t *wu = w_expert(&L->up[part], e) + (size_t)n0 * L->up[part].row_stride;
+    bf16_t *dq = (bf16_t *)(cu + MC * NB);
+    size_t ldg, ldu;
+    const bf16_t *wg = w_block(&L->gate[part], e, n0, nb, 0, H, dq, &ldg);
+    const bf16_t *wu = w_block(&L->up[part], e, n0, nb, 0, H, dq + deq, &ldu);
     const bf16_t *rows[MC];
     for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
         int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
         rows_by_token(rows, ctx, ctx->x, (size_t)H, p0, m);
-        gemm_nt(m, nb, H, rows, wg, L->gate[part].row_stride, 0, cg, NB);
-        gemm_nt(m, nb, H, rows, wu, L->up[part].row_stride, 0, cu, NB);
+        gemm_nt(m, nb, H, rows, wg, ldg, 0, cg, NB);
+        gemm_nt(m, nb, H, rows, wu, ldu, 0, cu, NB);
         if (r > 0) {
             size_t brow = ((size_t)e * L->I + (size_t)(i0 + n0)) * r;
             add_lora_out(cg, NB, m, nb, ctx->ag + (size_t)p0 * r, L->gate_b + brow, r, a->s);
@@ -253,7 +303,6 @@ static void fwd_lora_mid_task(void *arg, int part, int task, int tid) {
 /* Down GEMM with LoRA, scaled by the routing weight, into the part's per-pair buffer [npairs, H].
  * Task = (active expert, column block of H); the combine stage then sums each token's pairs. */
 static void fwd_down_task(void *arg, int part, int task, int tid) {
-    (void)tid;
     stage_args *a = arg;
     const kt_ctx *ctx = a->ctx;
     const kt_layer *L = a->L;
@@ -262,13 +311,19 @@ static void fwd_down_task(void *arg, int part, int task, int tid) {
     int e = a->active[task / a->nblk_h];
     int n0 = (task % a->nblk_h) * NBH, nb = H - n0 < NBH ? H - n0 : NBH;
     float *dp = a->pairbuf + (size_t)part * ctx->npairs * H;
-    const bf16_t *wd = w_expert(&L->down[part], e) + (size_t)n0 * L->down[part].row_stride;
+    size_t deq = w_scratch_elems(&L->down[part], (size_t)nb, (size_t)Ip), ldd;
+    bf16_t *dq = deq ? kt_scratch(a->eng, tid, sizeof(bf16_t) * deq) : NULL;
+    if (deq && !dq) {
+        fail(a, 2, 0);
+        return;
+    }
+    const bf16_t *wd = w_block(&L->down[part], e, n0, nb, 0, Ip, dq, &ldd);
     const bf16_t *rows[MC];
     for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
         int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
         float *c = dp + (size_t)p0 * H + n0;
         rows_by_pair(rows, a->h[part], (size_t)Ip, p0, m);
-        gemm_nt(m, nb, Ip, rows, wd, L->down[part].row_stride, 0, c, (size_t)H);
+        gemm_nt(m, nb, Ip, rows, wd, ldd, 0, c, (size_t)H);
         if (r > 0)
             add_lora_out(c, (size_t)H, m, nb, ctx->ad[part] + (size_t)p0 * r,
                          L->down_b + ((size_t)e * H + (size_t)n0) * r, r, a->s);
@@ -454,13 +509,14 @@ static void bwd_down_act_task(void *arg, int part, int task, int tid) {
     int n0 = blk * NB, nb = Ip - n0 < NB ? Ip - n0 : NB;
     int H = L->H, r = L->r, I = L->I;
     float s = a->s;
-    float *c = kt_scratch(a->eng, tid, sizeof(float) * 4 * MC * NB);
+    size_t deq = w_scratch_elems(&L->down[part], (size_t)H, (size_t)nb), ldd;
+    float *c = kt_scratch(a->eng, tid, sizeof(float) * 4 * MC * NB + sizeof(bf16_t) * deq);
     if (!c) {
         fail(a, 2, 0);
         return;
     }
     float *hf = c + MC * NB, *dgf = hf + MC * NB, *duf = dgf + MC * NB;
-    const bf16_t *wd = w_expert(&L->down[part], e) + n0;
+    const bf16_t *wd = w_block(&L->down[part], e, 0, H, n0, nb, (bf16_t *)(duf + MC * NB), &ldd);
     float *gAd = NULL, *gBg = NULL, *gBu = NULL;
     if (r > 0) {
         gAd = a->grads[4] + (size_t)e * r * I + i0 + n0;           /* [r, I] at column i0 + n0 */
@@ -474,7 +530,7 @@ static void bwd_down_act_task(void *arg, int part, int task, int tid) {
     for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
         int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
         rows_by_token(rows, ctx, a->dyb, (size_t)H, p0, m);
-        gemm_nn(m, nb, H, rows, wd, L->down[part].row_stride, c, NB);
+        gemm_nn(m, nb, H, rows, wd, ldd, c, NB);
         for (int i = 0; i < m; i++) {
             int p = p0 + i;
             float *ci = c + (size_t)i * NB;
@@ -627,21 +683,24 @@ static void bwd_dx_task(void *arg, int part, int task, int tid) {
     int e = a->active[task / a->nblk_h];
     int n0 = (task % a->nblk_h) * NBH, nb = H - n0 < NBH ? H - n0 : NBH;
     float *dp = a->pairbuf + (size_t)part * ctx->npairs * H;
-    float *c2 = kt_scratch(a->eng, tid, sizeof(float) * MC * NBH);
+    size_t deq = w_scratch_elems(&L->gate[part], (size_t)Ip, (size_t)nb), ldg, ldu;
+    float *c2 = kt_scratch(a->eng, tid, sizeof(float) * MC * NBH + sizeof(bf16_t) * 2 * deq);
     if (!c2) {
         fail(a, 2, 0);
         return;
     }
     (void)i0;
-    const bf16_t *wg = w_expert(&L->gate[part], e) + n0, *wu = w_expert(&L->up[part], e) + n0;
+    bf16_t *dq = (bf16_t *)(c2 + MC * NBH);
+    const bf16_t *wg = w_block(&L->gate[part], e, 0, Ip, n0, nb, dq, &ldg);
+    const bf16_t *wu = w_block(&L->up[part], e, 0, Ip, n0, nb, dq + deq, &ldu);
     const bf16_t *rows_g[MC], *rows_u[MC];
     for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
         int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
         float *c1 = dp + (size_t)p0 * H + n0;
         rows_by_pair(rows_g, a->dg[part], (size_t)Ip, p0, m);
         rows_by_pair(rows_u, a->du[part], (size_t)Ip, p0, m);
-        gemm_nn(m, nb, Ip, rows_g, wg, L->gate[part].row_stride, c1, (size_t)H);
-        gemm_nn(m, nb, Ip, rows_u, wu, L->up[part].row_stride, c2, NBH);
+        gemm_nn(m, nb, Ip, rows_g, wg, ldg, c1, (size_t)H);
+        gemm_nn(m, nb, Ip, rows_u, wu, ldu, c2, NBH);
         for (int i = 0; i < m; i++) {
             int p = p0 + i;
             float *ci = c1 + (size_t)i * H;

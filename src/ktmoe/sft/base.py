@@ -114,14 +114,21 @@ class BaseSFTMoEWrapper:
             order = self._check_expert_map(physical_to_logical_map)
             gate_proj, up_proj, down_proj = gate_proj[order], up_proj[order], down_proj[order]
         fmt = self.weight_format
-        packed = tuple(fmt.pack(t) for t in (gate_proj, up_proj, down_proj))
+        packed = tuple(fmt.pack(t, self.group_size) for t in (gate_proj, up_proj, down_proj))
         self._bind_weights(packed)
 
     def load_weights(self, physical_to_logical_map: Optional[torch.Tensor] = None) -> None:
+        """Loads this layer from `weight_path`, a folder written by `python -m ktmoe.convert` (see
+        docs/weight_format.md). physical_to_logical_map[p] names the file's expert that goes to slot p."""
         if self.weight_path is None:
             raise ValueError("load_weights() needs weight_path= (a folder of pre-converted weights); "
                              "use load_weights_from_tensors() to load from tensors")
-        raise NotImplementedError("loading pre-quantized weight folders is not implemented yet")
+        from ..weights_io import read_layer  # late: only this path needs safetensors
+
+        order = None if physical_to_logical_map is None else self._check_expert_map(physical_to_logical_map)
+        packed = read_layer(self.weight_path, self.layer_idx, self.weight_format, self.E, self.H, self.I,
+                            self.group_size, order)
+        self._bind_weights(packed)
 
     def _check_expert_map(self, m) -> torch.Tensor:
         m = torch.as_tensor(m).to("cpu")
@@ -137,7 +144,8 @@ class BaseSFTMoEWrapper:
         for p in range(self.P):
             for which, w in zip(("gate", "up", "down"), packed):
                 v = fmt.view(w, which, self.part_i0[p])
-                self._layer.set_weight(p, which, v.fmt, v.data_ptr, v.expert_stride, v.row_stride)
+                self._layer.set_weight(p, which, v.fmt, v.data_ptr, v.scale_ptr, v.zero_ptr, v.rows, v.cols,
+                                       v.row0, v.col0, v.group)
         self._weights = packed
 
     def weight_nbytes(self) -> int:

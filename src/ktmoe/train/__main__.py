@@ -1,0 +1,24 @@
+"""`python -m ktmoe.train` / `ktmoe-train`: see `python -m ktmoe.train --help`."""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(argv)
+    except ConfigError as e:
+        print(f"ktmoe.train: error: {e}", file=sys.stderr)
+        return 2
+    from .trainer import train
+
+    result = train(cfg)
+    print(result.summary(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
