@@ -233,7 +233,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default"):
         cfg = copy.deepcopy(model.peft_config[adapter_name])
         if getattr(cfg, "use_dora", False):
             raise ValueError("DoRA adapters cannot carry ktmoe expert LoRA")
-        sd = {k: v.detach().float() if v.is_floating_point() else v.detach()
+        sd = {k: v.detach().to(torch.float32, copy=True) if v.is_floating_point() else v.detach().clone()
               for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()
               if not k.startswith(expert_prefixes)}
         rslora = bool(cfg.use_rslora)

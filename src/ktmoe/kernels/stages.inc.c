@@ -18,6 +18,7 @@
 
 #define NB 64  /* output columns per task block */
 #define MC 128 /* rows per GEMM chunk inside a task */
+#define KT_COMMA ,
 #define NBH 256 /* columns of H per task in the stages that write per-pair rows of H */
 
 /* ---- element-wise helpers that vectorize (no libm calls) ---- */
@@ -101,6 +102,90 @@ static const bf16_t *w_block(const kt_wmat *w, int e, int r0, int nr, int c0, in
 
 static inline size_t w_scratch_elems(const kt_wmat *w, size_t nr, size_t nc) {
     return w->fmt == KT_W_BF16 ? 0 : nr * nc;
+}
+
+/* ---- LoRA gradient outer products ----
+ * out[j, n] += sum_p coef[p, j] * x_p[n] for j < R, n < N: the pair-reductions of the LoRA grads.
+ * Register-blocked with GCC vector types (lowered to each file's ISA): 4 output rows x 32 columns stay in
+ * registers across all pairs. x rows are fp32 (base + p * ldx) or bf16 (row pointers). */
+typedef float kt_v16f __attribute__((vector_size(64)));
+typedef uint16_t kt_v16h __attribute__((vector_size(32)));
+typedef uint32_t kt_v16u __attribute__((vector_size(64)));
+
+static inline kt_v16f v16_from_f32(const float *p) {
+    kt_v16f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline kt_v16f v16_from_bf16(const bf16_t *p) {
+    kt_v16h h;
+    memcpy(&h, p, sizeof h);
+    kt_v16u u = __builtin_convertvector(h, kt_v16u) << 16;
+    kt_v16f f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* 32 values of row x_p from column n0 as two vectors; a short tail is padded with zeros. */
+static inline void x32_f32(const float *row, int nb, kt_v16f *x0, kt_v16f *x1) {
+    if (nb == 32) {
+        *x0 = v16_from_f32(row);
+        *x1 = v16_from_f32(row + 16);
+        return;
+    }
+    float t[32] = {0};
+    memcpy(t, row, sizeof(float) * (size_t)nb);
+    *x0 = v16_from_f32(t);
+    *x1 = v16_from_f32(t + 16);
+}
+static inline void x32_bf16(const bf16_t *row, int nb, kt_v16f *x0, kt_v16f *x1) {
+    if (nb == 32) {
+        *x0 = v16_from_bf16(row);
+        *x1 = v16_from_bf16(row + 16);
+        return;
+    }
+    bf16_t t[32] = {0};
+    memcpy(t, row, sizeof(bf16_t) * (size_t)nb);
+    *x0 = v16_from_bf16(t);
+    *x1 = v16_from_bf16(t + 16);
+}
+
+#define KT_OUTER_ACCUM(NAME, XARG, XROW, XLOAD)                                                              \
+    static void NAME(int M, int R, int N, const float *coef, size_t ldcoef, XARG, float *out, size_t ldo) { \
+        for (int n0 = 0; n0 < N; n0 += 32) {                                                                 \
+            int nb = N - n0 < 32 ? N - n0 : 32;                                                              \
+            for (int j0 = 0; j0 < R; j0 += 4) {                                                              \
+                int jb = R - j0 < 4 ? R - j0 : 4;                                                            \
+                kt_v16f a[4][2] = {{{0}}};                                                                   \
+                for (int p = 0; p < M; p++) {                                                                \
+                    const float *cp = coef + (size_t)p * ldcoef + j0;                                        \
+                    kt_v16f x0, x1;                                                                          \
+                    XLOAD(XROW(p) + n0, nb, &x0, &x1);                                                       \
+                    for (int j = 0; j < jb; j++) {                                                           \
+                        a[j][0] += cp[j] * x0;                                                               \
+                        a[j][1] += cp[j] * x1;                                                               \
+                    }                                                                                        \
+                }                                                                                            \
+                for (int j = 0; j < jb; j++) {                                                               \
+                    float t[32];                                                                             \
+                    memcpy(t, &a[j][0], sizeof(float) * 16);                                                 \
+                    memcpy(t + 16, &a[j][1], sizeof(float) * 16);                                            \
+                    float *o = out + (size_t)(j0 + j) * ldo + n0;                                            \
+                    for (int n = 0; n < nb; n++) o[n] += t[n];                                               \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+
+#define KT_ROW_F32(p) (x + (size_t)(p) * ldx)
+#define KT_ROW_BF16(p) (x[p])
+KT_OUTER_ACCUM(outer_accum_f32, const float *x KT_COMMA size_t ldx, KT_ROW_F32, x32_f32)
+KT_OUTER_ACCUM(outer_accum_bf16, const bf16_t *const *x, KT_ROW_BF16, x32_bf16)
+
+/* dst[c, r] = src[r, c] for an R x C block (small LoRA matrices). */
+static void transpose_f32(const float *src, size_t lds, int R, int C, float *dst, size_t ldd) {
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) dst[(size_t)c * ldd + r] = src[(size_t)r * lds + c];
 }
 
 /* ---- the call's shared state ---- */
@@ -452,7 +537,7 @@ static int forward_impl(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const vo
     stage_args a;
     int rc = setup(&a, ctx, L, eng, err);
     if (rc) return rc;
-    int P = ctx->nparts, T = ctx->T, H = ctx->H;
+    int P = ctx->nparts;
     a.out = out;
     a.out_is_f32 = out_is_f32;
     convert_rows(&a, x, x_is_f32, ctx->x);
@@ -478,22 +563,20 @@ static int forward_impl(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const vo
 /* bd = Bd^T dy for every pair (shared by parts). Task = active expert. */
 static void bwd_lora_dy_task(void *arg, int part, int task, int tid) {
     (void)part;
-    (void)tid;
     stage_args *a = arg;
     const kt_ctx *ctx = a->ctx;
     int e = a->active[task], r = ctx->r, H = ctx->H;
-    const float *bd_w = a->L->down_b + (size_t)e * H * r; /* [H, r] */
-    for (int p = ctx->expert_off[e]; p < ctx->expert_off[e + 1]; p++) {
-        const bf16_t *dy = a->dyb + (size_t)ctx->pair_tok[p] * H;
-        float acc[256];
-        memset(acc, 0, sizeof(float) * (size_t)r);
-        for (int n = 0; n < H; n++) {
-            float d = kt_bf(dy[n]);
-            const float *b = bd_w + (size_t)n * r;
-#pragma omp simd
-            for (int j = 0; j < r; j++) acc[j] += d * b[j];
-        }
-        memcpy(a->bd + (size_t)p * r, acc, sizeof(float) * (size_t)r);
+    float *bdT = kt_scratch(a->eng, tid, sizeof(float) * (size_t)r * H);
+    if (!bdT) {
+        fail(a, 2, 0);
+        return;
+    }
+    transpose_f32(a->L->down_b + (size_t)e * H * r, (size_t)r, H, r, bdT, (size_t)H);
+    const bf16_t *rows[MC];
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
+        int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
+        rows_by_token(rows, ctx, a->dyb, (size_t)H, p0, m);
+        gemm_nt(m, r, H, rows, bdT, (size_t)H, 1, a->bd + (size_t)p0 * r, (size_t)r);
     }
 }
 
@@ -510,21 +593,23 @@ static void bwd_down_act_task(void *arg, int part, int task, int tid) {
     int H = L->H, r = L->r, I = L->I;
     float s = a->s;
     size_t deq = w_scratch_elems(&L->down[part], (size_t)H, (size_t)nb), ldd;
-    float *c = kt_scratch(a->eng, tid, sizeof(float) * 4 * MC * NB + sizeof(bf16_t) * deq);
+    size_t lora = (size_t)r * (3 * MC + 2 * NB);
+    float *c = kt_scratch(a->eng, tid, sizeof(float) * (4 * MC * NB + lora) + sizeof(bf16_t) * deq);
     if (!c) {
         fail(a, 2, 0);
         return;
     }
     float *hf = c + MC * NB, *dgf = hf + MC * NB, *duf = dgf + MC * NB;
-    const bf16_t *wd = w_block(&L->down[part], e, 0, H, n0, nb, (bf16_t *)(duf + MC * NB), &ldd);
+    float *cd = duf + MC * NB, *cg = cd + (size_t)MC * r, *cu = cg + (size_t)MC * r;
+    float *bgT = cu + (size_t)MC * r, *buT = bgT + (size_t)r * NB; /* dB_g^T, dB_u^T of this block */
+    const bf16_t *wd = w_block(&L->down[part], e, 0, H, n0, nb, (bf16_t *)(buT + (size_t)r * NB), &ldd);
     float *gAd = NULL, *gBg = NULL, *gBu = NULL;
     if (r > 0) {
         gAd = a->grads[4] + (size_t)e * r * I + i0 + n0;           /* [r, I] at column i0 + n0 */
         gBg = a->grads[1] + ((size_t)e * I + (size_t)(i0 + n0)) * r; /* [I, r] at row i0 + n0 */
         gBu = a->grads[3] + ((size_t)e * I + (size_t)(i0 + n0)) * r;
         for (int j = 0; j < r; j++) memset(gAd + (size_t)j * I, 0, sizeof(float) * (size_t)nb);
-        memset(gBg, 0, sizeof(float) * (size_t)nb * r);
-        memset(gBu, 0, sizeof(float) * (size_t)nb * r);
+        memset(bgT, 0, sizeof(float) * 2 * (size_t)r * NB);
     }
     const bf16_t *rows[MC];
     for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
@@ -569,53 +654,45 @@ static void bwd_down_act_task(void *arg, int part, int task, int tid) {
         if (r == 0) continue;
         for (int i = 0; i < m; i++) {
             int p = p0 + i;
-            const float *bdp = a->bd + (size_t)p * r, *agp = ctx->ag + (size_t)p * r, *aup = ctx->au + (size_t)p * r;
-            float w = ctx->pair_w[p];
-            const float *hi = hf + (size_t)i * NB, *dgi = dgf + (size_t)i * NB, *dui = duf + (size_t)i * NB;
+            float sw = s * ctx->pair_w[p];
             for (int j = 0; j < r; j++) {
-                float sb = s * w * bdp[j];
-                float *row = gAd + (size_t)j * I;
-#pragma omp simd
-                for (int n = 0; n < nb; n++) row[n] += sb * hi[n];
-            }
-            for (int n = 0; n < nb; n++) {
-                float sg = s * dgi[n], su = s * dui[n];
-                float *bg = gBg + (size_t)n * r, *bu = gBu + (size_t)n * r;
-#pragma omp simd
-                for (int j = 0; j < r; j++) {
-                    bg[j] += sg * agp[j];
-                    bu[j] += su * aup[j];
-                }
+                cd[(size_t)i * r + j] = sw * a->bd[(size_t)p * r + j];
+                cg[(size_t)i * r + j] = s * ctx->ag[(size_t)p * r + j];
+                cu[(size_t)i * r + j] = s * ctx->au[(size_t)p * r + j];
             }
         }
+        outer_accum_f32(m, r, nb, cd, (size_t)r, hf, NB, gAd, (size_t)I);
+        outer_accum_f32(m, r, nb, cg, (size_t)r, dgf, NB, bgT, NB);
+        outer_accum_f32(m, r, nb, cu, (size_t)r, duf, NB, buT, NB);
+    }
+    if (r > 0) {
+        transpose_f32(bgT, NB, r, nb, gBg, (size_t)r);
+        transpose_f32(buT, NB, r, nb, gBu, (size_t)r);
     }
 }
 
 /* bg = dg Bg, bu = du Bu over this part's columns. Task = active expert. */
 static void bwd_lora_mid_task(void *arg, int part, int task, int tid) {
-    (void)tid;
     stage_args *a = arg;
     const kt_ctx *ctx = a->ctx;
     const kt_layer *L = a->L;
     int e = a->active[task], r = L->r;
     int i0 = ctx->part_i0[part], Ip = ctx->part_i0[part + 1] - i0;
-    const float *wbg = L->gate_b + ((size_t)e * L->I + i0) * r, *wbu = L->up_b + ((size_t)e * L->I + i0) * r;
-    for (int p = ctx->expert_off[e]; p < ctx->expert_off[e + 1]; p++) {
-        const bf16_t *dg = a->dg[part] + (size_t)p * Ip, *du = a->du[part] + (size_t)p * Ip;
-        float accg[256], accu[256];
-        memset(accg, 0, sizeof(float) * (size_t)r);
-        memset(accu, 0, sizeof(float) * (size_t)r);
-        for (int n = 0; n < Ip; n++) {
-            float vg = kt_bf(dg[n]), vu = kt_bf(du[n]);
-            const float *bg = wbg + (size_t)n * r, *bu = wbu + (size_t)n * r;
-#pragma omp simd
-            for (int j = 0; j < r; j++) {
-                accg[j] += vg * bg[j];
-                accu[j] += vu * bu[j];
-            }
-        }
-        memcpy(a->bg[part] + (size_t)p * r, accg, sizeof(float) * (size_t)r);
-        memcpy(a->bu[part] + (size_t)p * r, accu, sizeof(float) * (size_t)r);
+    float *bgT = kt_scratch(a->eng, tid, sizeof(float) * 2 * (size_t)r * Ip);
+    if (!bgT) {
+        fail(a, 2, 0);
+        return;
+    }
+    float *buT = bgT + (size_t)r * Ip;
+    transpose_f32(L->gate_b + ((size_t)e * L->I + i0) * r, (size_t)r, Ip, r, bgT, (size_t)Ip);
+    transpose_f32(L->up_b + ((size_t)e * L->I + i0) * r, (size_t)r, Ip, r, buT, (size_t)Ip);
+    const bf16_t *rows[MC];
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
+        int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
+        rows_by_pair(rows, a->dg[part], (size_t)Ip, p0, m);
+        gemm_nt(m, r, Ip, rows, bgT, (size_t)Ip, 1, a->bg[part] + (size_t)p0 * r, (size_t)r);
+        rows_by_pair(rows, a->du[part], (size_t)Ip, p0, m);
+        gemm_nt(m, r, Ip, rows, buT, (size_t)Ip, 1, a->bu[part] + (size_t)p0 * r, (size_t)r);
     }
 }
 
@@ -623,7 +700,6 @@ static void bwd_lora_mid_task(void *arg, int part, int task, int tid) {
  * no pairs get zero grads here, including the slices other stages own). */
 static void bwd_lora_sum_task(void *arg, int part, int task, int tid) {
     (void)part;
-    (void)tid;
     stage_args *a = arg;
     const kt_ctx *ctx = a->ctx;
     const kt_layer *L = a->L;
@@ -633,43 +709,46 @@ static void bwd_lora_sum_task(void *arg, int part, int task, int tid) {
     float *gBd = a->grads[5] + (size_t)e * H * r;
     memset(gAg, 0, sizeof(float) * (size_t)r * H);
     memset(gAu, 0, sizeof(float) * (size_t)r * H);
-    memset(gBd, 0, sizeof(float) * (size_t)r * H);
     if (ctx->expert_off[e + 1] == ctx->expert_off[e]) {
+        memset(gBd, 0, sizeof(float) * (size_t)r * H);
         memset(a->grads[1] + (size_t)e * I * r, 0, sizeof(float) * (size_t)I * r);
         memset(a->grads[3] + (size_t)e * I * r, 0, sizeof(float) * (size_t)I * r);
         memset(a->grads[4] + (size_t)e * r * I, 0, sizeof(float) * (size_t)r * I);
         return;
     }
-    for (int p = ctx->expert_off[e]; p < ctx->expert_off[e + 1]; p++) {
-        float bg[256], bu[256], ad[256];
-        for (int j = 0; j < r; j++) {
-            bg[j] = bu[j] = ad[j] = 0.f;
-            for (int q = 0; q < P; q++) {
-                bg[j] += a->bg[q][(size_t)p * r + j];
-                bu[j] += a->bu[q][(size_t)p * r + j];
-                ad[j] += ctx->ad[q][(size_t)p * r + j];
-            }
-        }
-        const bf16_t *x = ctx->x + (size_t)ctx->pair_tok[p] * H;
-        const bf16_t *dy = a->dyb + (size_t)ctx->pair_tok[p] * H;
-        for (int j = 0; j < r; j++) {
-            float sg = s * bg[j], su = s * bu[j];
-            float *rg = gAg + (size_t)j * H, *ru = gAu + (size_t)j * H;
-#pragma omp simd
-            for (int n = 0; n < H; n++) {
-                float xv = kt_bf(x[n]);
-                rg[n] += sg * xv;
-                ru[n] += su * xv;
-            }
-        }
-        float sw = s * ctx->pair_w[p];
-        for (int n = 0; n < H; n++) {
-            float d = sw * kt_bf(dy[n]);
-            float *row = gBd + (size_t)n * r;
-#pragma omp simd
-            for (int j = 0; j < r; j++) row[j] += d * ad[j];
-        }
+    /* per chunk: s * sum_q bg_q, s * sum_q bu_q, s * w * sum_q ad_q; then dB_d^T [r, H] accumulates */
+    float *cg = kt_scratch(a->eng, tid, sizeof(float) * ((size_t)3 * MC * r + (size_t)r * H));
+    if (!cg) {
+        fail(a, 2, 0);
+        return;
     }
+    float *cu = cg + (size_t)MC * r, *cd = cu + (size_t)MC * r, *bdT = cd + (size_t)MC * r;
+    memset(bdT, 0, sizeof(float) * (size_t)r * H);
+    const bf16_t *xrows[MC], *dyrows[MC];
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
+        int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
+        for (int i = 0; i < m; i++) {
+            size_t at = (size_t)(p0 + i) * r;
+            float sw = s * ctx->pair_w[p0 + i];
+            for (int j = 0; j < r; j++) {
+                float bg = 0.f, bu = 0.f, ad = 0.f;
+                for (int q = 0; q < P; q++) {
+                    bg += a->bg[q][at + j];
+                    bu += a->bu[q][at + j];
+                    ad += ctx->ad[q][at + j];
+                }
+                cg[(size_t)i * r + j] = s * bg;
+                cu[(size_t)i * r + j] = s * bu;
+                cd[(size_t)i * r + j] = sw * ad;
+            }
+        }
+        rows_by_token(xrows, ctx, ctx->x, (size_t)H, p0, m);
+        rows_by_token(dyrows, ctx, a->dyb, (size_t)H, p0, m);
+        outer_accum_bf16(m, r, H, cg, (size_t)r, xrows, gAg, (size_t)H);
+        outer_accum_bf16(m, r, H, cu, (size_t)r, xrows, gAu, (size_t)H);
+        outer_accum_bf16(m, r, H, cd, (size_t)r, dyrows, bdT, (size_t)H);
+    }
+    transpose_f32(bdT, (size_t)H, r, H, gBd, (size_t)r);
 }
 
 /* dx rows per pair = dg Wg + du Wu + s (bg Ag + bu Au), into the part's per-pair buffer; the combine
@@ -689,7 +768,6 @@ static void bwd_dx_task(void *arg, int part, int task, int tid) {
         fail(a, 2, 0);
         return;
     }
-    (void)i0;
     bf16_t *dq = (bf16_t *)(c2 + MC * NBH);
     const bf16_t *wg = w_block(&L->gate[part], e, 0, Ip, n0, nb, dq, &ldg);
     const bf16_t *wu = w_block(&L->up[part], e, 0, Ip, n0, nb, dq + deq, &ldu);
