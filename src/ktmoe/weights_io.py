@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -98,9 +99,11 @@ def _atomic_write_json(path: str, obj: Any) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".ktmoe_manifest.", suffix=".tmp", dir=folder)
     try:
+        text = json.dumps(obj, indent=1, sort_keys=True)
+        text = re.sub(r"\[\s*([0-9][0-9,\s]*?)\s*\]", lambda mo: "[" + re.sub(r"\s+", " ", mo.group(1)) + "]",
+                      text)  # shapes on one line
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
+            f.write(text + "\n")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -92,12 +92,12 @@ def main() -> int:
             t2 = time.perf_counter()
             return (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
-        step(min(16, int(cfg["max_tokens"])))
+        step(int(cfg["max_tokens"]))  # the same step size as the in-process memory probe
         rss_step = wl.rss_bytes()
         reply(dict(ready=True, version=getattr(kt_kernel, "__version__", "?"),
                    cpu_variant=str(getattr(kt_kernel, "__cpu_variant__", "?")),
                    torch=torch.__version__, rss_start=rss0, rss_import=rss_import, rss_before_weights=rss_before,
-                   rss_after_load=rss_load, rss_after_step=rss_step,
+                   rss_after_load=rss_load, rss_after_step=rss_step, step_T=int(cfg["max_tokens"]),
                    weights_bytes=wl.weight_bytes_bf16(E, H, I), lora_bytes=wl.lora_numel(E, H, I, r) * 2))
     except Exception as exc:  # setup failed: say why and stop
         reply(dict(error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc(limit=4)))

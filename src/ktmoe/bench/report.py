@@ -44,6 +44,13 @@ def render(res: dict) -> str:
                             for i in p.get("kt_kernel", {}).values() if "version" in i})
     peer = (f"kt-kernel {', '.join(peer_versions) or '(did not start)'} via `{res['peer_python']}`"
             if res.get("peer_python") else "kt-kernel not timed (no --peer-python / $KTMOE_PEER_PYTHON)")
+    la0, la1 = res.get("loadavg_start"), res.get("loadavg_end")
+    if la0 is not None and la1 is not None:
+        busy = max(la0, la1) > 0.5 * len(m["allowed_cpus"]) + 0.5
+        L.append(f"- 1-min load average {la0:.1f} at start, {la1:.1f} at end"
+                 + (f" on {len(m['allowed_cpus'])} CPUs: **the machine was busy with other work, absolute numbers "
+                    f"(peak included) are depressed and noisy; ratios measured side by side are the figures to "
+                    f"read**" if busy else ""))
     L.append(f"- ktmoe {res['ktmoe']}, torch {res['torch']} ({res['torch_threads']} threads), "
              f"python {res['python']}; {peer}")
     L.append(f"- LoRA rank {res['rank']}, alpha {res['lora_alpha']:g}; median of {res['repeats']} interleaved "
@@ -80,13 +87,16 @@ def render(res: dict) -> str:
                               _ms(k, "fwd_ms"), _ms(k, "bwd_ms"), _ms(k, "total_ms"),
                               _f((k or {}).get("pct_peak"), "{:.0f}%"),
                               _f(row["t_bw_bound_ms"]), _f(row["t_flop_bound_ms"])])
+            startup_errors = {i.get("error") for i in p.get("kt_kernel", {}).values()}
             for who, s in (("torch", t), ("kt-kernel", k)):
-                if s and "error" in s:
+                if s and "error" in s and s["error"] not in startup_errors:
                     notes.append(f"{name} T={row['T']} {who} ({row['method']}): {s['error']}")
         for ov in p["overhead"]:
             over_rows.append([name, ov["method"], str(ov["T"]), _f(ov["fwd_total_us"], "{:.0f}"),
-                              _f(ov["fwd_overhead_us"]), _f(ov["bwd_total_us"], "{:.0f}"),
-                              _f(ov["bwd_overhead_us"]), _f(ov["fwd_overhead_us"] + ov["bwd_overhead_us"])])
+                              f"{_f(ov['fwd_overhead_us'])} ({_f(ov.get('fwd_overhead_min_us'))})",
+                              _f(ov["bwd_total_us"], "{:.0f}"),
+                              f"{_f(ov['bwd_overhead_us'])} ({_f(ov.get('bwd_overhead_min_us'))})",
+                              _f(ov["fwd_overhead_us"] + ov["bwd_overhead_us"])])
         for mm in p["memory"]:
             ratio = mm["resident_after_load"] / mm["held_bytes"] if mm["held_bytes"] else None
             mem_rows.append([name, mm["side"], mm["method"], _f(mm["weights_bytes"] / MiB, "{:.0f}"),
@@ -109,10 +119,10 @@ def render(res: dict) -> str:
                      "kt-kernel % peak", "BW bound ms", "FLOP bound ms"], base_rows)
         L.append("")
     if over_rows:
-        L.append("## Python overhead per call (wall time minus time inside the native calls, median)")
+        L.append("## Python overhead per call (wall time minus time inside the native calls: median (min))")
         L.append("")
         L += _table(["preset", "method", "T", "forward_sft us", "fwd overhead us", "backward us",
-                     "bwd overhead us", "fwd+bwd overhead us"], over_rows)
+                     "bwd overhead us", "fwd+bwd overhead us (median)"], over_rows)
         L.append("")
     if mem_rows:
         L.append("## Memory (VmRSS)")

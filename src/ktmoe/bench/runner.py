@@ -108,6 +108,7 @@ def measure_overhead(wrapper, T: int, E: int, k: int, H: int, n: int) -> dict:
             bwd_over.append((t3 - t2 - nb) * 1e6)
     return dict(T=T, n=n, fwd_total_us=wl.median(fwd_tot), bwd_total_us=wl.median(bwd_tot),
                 fwd_overhead_us=wl.median(fwd_over), bwd_overhead_us=wl.median(bwd_over),
+                fwd_overhead_min_us=min(fwd_over), bwd_overhead_min_us=min(bwd_over),
                 fwd_overhead_max_us=max(fwd_over), bwd_overhead_max_us=max(bwd_over))
 
 
@@ -262,7 +263,7 @@ def run_preset(preset: wl.Preset, args, machine: dict) -> dict:
                                       held_bytes=held,
                                       resident_after_load=info["rss_after_load"] - info["rss_before_weights"],
                                       rss_before_weights=info["rss_before_weights"],
-                                      rss_after_load=info["rss_after_load"], step_T=min(16, max_T),
+                                      rss_after_load=info["rss_after_load"], step_T=info.get("step_T", max_T),
                                       step_delta=info["rss_after_step"] - info["rss_after_load"]))
 
         # Python overhead (before the timed runs; nothing else is running)
@@ -366,15 +367,25 @@ def measure_machine(args) -> dict:
                 peak_gflops=peak, read_gbps=gbps, mem_available=wl.mem_available_bytes())
 
 
+def _loadavg() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
+    load_start = _loadavg()
     machine = measure_machine(args)
     result = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                   command=" ".join([os.path.basename(sys.executable), "-m", "ktmoe.bench"] + list(args.argv)),
                   python=platform.python_version(), torch=torch.__version__, torch_threads=torch.get_num_threads(),
                   ktmoe=ktmoe_version, machine=machine, rank=args.rank, lora_alpha=LORA_ALPHA,
-                  repeats=args.repeats, warmup=args.warmup, peer_python=args.peer_python, presets=[])
+                  repeats=args.repeats, warmup=args.warmup, peer_python=args.peer_python, presets=[],
+                  loadavg_start=load_start)
     for name in args.preset:
         result["presets"].append(run_preset(wl.PRESETS[name], args, machine))
         gc.collect()
+    result["loadavg_end"] = _loadavg()
     return result

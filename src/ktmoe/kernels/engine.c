@@ -30,7 +30,7 @@ struct kt_engine {
     int nthreads, nparts;
     int part_size[KT_MAX_PARTS];
     worker *workers;
-    kt_tscratch *scratch; /* one per thread */
+    kt_tscratch *scratch; /* KT_SCRATCH_SLOTS per thread */
     kt_buffer shared[KT_SHARED_SLOTS];
     pthread_mutex_t call_lock; /* one layer call at a time */
     pthread_mutex_t mu;
@@ -179,7 +179,7 @@ kt_engine *kt_engine_create(int nparts, const int *part_sizes, const int *cpu_id
     eng->nparts = nparts;
     memcpy(eng->part_size, part_sizes, sizeof(int) * (size_t)nparts);
     eng->workers = calloc((size_t)total, sizeof(worker));
-    eng->scratch = calloc((size_t)total, sizeof(kt_tscratch));
+    eng->scratch = calloc((size_t)total * KT_SCRATCH_SLOTS, sizeof(kt_tscratch));
     if (!eng->workers || !eng->scratch) goto oom;
     pthread_mutex_init(&eng->call_lock, NULL);
     pthread_mutex_init(&eng->mu, NULL);
@@ -219,7 +219,7 @@ void kt_engine_destroy(kt_engine *eng) {
     pthread_cond_broadcast(&eng->cv);
     pthread_mutex_unlock(&eng->mu);
     for (int t = 1; t < eng->nthreads; t++) pthread_join(eng->workers[t].th, NULL);
-    for (int t = 0; t < eng->nthreads; t++) free(eng->scratch[t].ptr);
+    for (int t = 0; t < eng->nthreads * KT_SCRATCH_SLOTS; t++) free(eng->scratch[t].ptr);
     for (int s = 0; s < KT_SHARED_SLOTS; s++) kt_buffer_free(&eng->shared[s]);
     pthread_mutex_destroy(&eng->call_lock);
     pthread_mutex_destroy(&eng->mu);
@@ -235,8 +235,8 @@ int kt_engine_part_threads(const kt_engine *eng, int part) { return eng->part_si
 void kt_engine_lock(kt_engine *eng) { pthread_mutex_lock(&eng->call_lock); }
 void kt_engine_unlock(kt_engine *eng) { pthread_mutex_unlock(&eng->call_lock); }
 
-void *kt_scratch(kt_engine *eng, int tid, size_t bytes) {
-    kt_tscratch *s = &eng->scratch[tid];
+void *kt_scratch_slot(kt_engine *eng, int tid, int slot, size_t bytes) {
+    kt_tscratch *s = &eng->scratch[tid * KT_SCRATCH_SLOTS + slot];
     if (s->size < bytes) {
         free(s->ptr);
         s->ptr = NULL;

@@ -18,7 +18,10 @@ void kt_run_all(kt_engine *eng, int ntasks, kt_task_fn fn, void *arg);
 int kt_engine_part_threads(const kt_engine *eng, int part);
 void kt_engine_lock(kt_engine *eng);
 void kt_engine_unlock(kt_engine *eng);
-void *kt_scratch(kt_engine *eng, int tid, size_t bytes);      /* per-thread, grown on demand */
+/* Per-thread work space, grown on demand; slot 0 for a stage's tiles, slot 1 for helpers they call. */
+#define KT_SCRATCH_SLOTS 2
+void *kt_scratch_slot(kt_engine *eng, int tid, int slot, size_t bytes);
+#define kt_scratch(eng, tid, bytes) kt_scratch_slot(eng, tid, 0, bytes)
 /* Engine-wide work buffers, valid during one call (forward-only intermediates are not kept per layer). */
 enum { KT_SH_H, KT_SH_PAIRS, KT_SH_DY, KT_SH_DG, KT_SH_DU, KT_SH_BG, KT_SH_BU, KT_SH_BD, KT_SH_DWPART,
        KT_SH_TASKS, KT_SHARED_SLOTS };

@@ -156,20 +156,20 @@ static inline void x32_bf16(const bf16_t *row, int nb, kt_v16f *x0, kt_v16f *x1)
             int nb = N - n0 < 32 ? N - n0 : 32;                                                              \
             for (int j0 = 0; j0 < R; j0 += 4) {                                                              \
                 int jb = R - j0 < 4 ? R - j0 : 4;                                                            \
-                kt_v16f a[4][2] = {{{0}}};                                                                   \
+                kt_v16f a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0}; \
                 for (int p = 0; p < M; p++) {                                                                \
                     const float *cp = coef + (size_t)p * ldcoef + j0;                                        \
+                    float c0 = cp[0], c1 = jb > 1 ? cp[1] : 0.f, c2 = jb > 2 ? cp[2] : 0.f;                  \
+                    float c3 = jb > 3 ? cp[3] : 0.f;                                                         \
                     kt_v16f x0, x1;                                                                          \
                     XLOAD(XROW(p) + n0, nb, &x0, &x1);                                                       \
-                    for (int j = 0; j < jb; j++) {                                                           \
-                        a[j][0] += cp[j] * x0;                                                               \
-                        a[j][1] += cp[j] * x1;                                                               \
-                    }                                                                                        \
+                    a00 += c0 * x0; a01 += c0 * x1; a10 += c1 * x0; a11 += c1 * x1;                          \
+                    a20 += c2 * x0; a21 += c2 * x1; a30 += c3 * x0; a31 += c3 * x1;                          \
                 }                                                                                            \
+                kt_v16f acc[8] = {a00, a01, a10, a11, a20, a21, a30, a31};                                   \
                 for (int j = 0; j < jb; j++) {                                                               \
                     float t[32];                                                                             \
-                    memcpy(t, &a[j][0], sizeof(float) * 16);                                                 \
-                    memcpy(t + 16, &a[j][1], sizeof(float) * 16);                                            \
+                    memcpy(t, &acc[2 * j], sizeof t);                                                        \
                     float *o = out + (size_t)(j0 + j) * ldo + n0;                                            \
                     for (int n = 0; n < nb; n++) o[n] += t[n];                                               \
                 }                                                                                            \
@@ -302,18 +302,18 @@ static void fwd_lora_in_task(void *arg, int part, int task, int tid) {
     }
 }
 
-/* c[m, n] += s * <lora_in[m, :], b[n0 + n, :]>, b is [*, r] fp32. */
-static void add_lora_out(float *c, size_t ldc, int m, int nb, const float *lora_in, const float *b, int r, float s) {
-    for (int i = 0; i < m; i++) {
-        const float *in = lora_in + (size_t)i * r;
-        for (int n = 0; n < nb; n++) {
-            const float *bn = b + (size_t)n * r;
-            float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-            for (int j = 0; j < r; j++) acc += in[j] * bn[j];
-            c[(size_t)i * ldc + n] += s * acc;
-        }
-    }
+/* c[m, n] += s * <lora_in[m, :], b[n, :]> for m < M, n < N; b is [N, r] fp32. A small GEMM run as an
+ * outer product over the rank: c += (s lora_in)^T-rows x b^T-rows. Returns 0 when out of memory. */
+static int add_lora_out(stage_args *a, int tid, float *c, size_t ldc, int M, int N, const float *lora_in,
+                        const float *b, int r, float s) {
+    float *bT = kt_scratch_slot(a->eng, tid, 1, sizeof(float) * (size_t)r * (N + M));
+    if (!bT) return 0;
+    float *lT = bT + (size_t)r * N;
+    transpose_f32(b, (size_t)r, N, r, bT, (size_t)N);
+    for (int m = 0; m < M; m++)
+        for (int j = 0; j < r; j++) lT[(size_t)j * M + m] = s * lora_in[(size_t)m * r + j];
+    outer_accum_f32(r, M, N, lT, (size_t)M, bT, (size_t)N, c, ldc);
+    return 1;
 }
 
 /* gate+up GEMMs with LoRA, then h = silu(g) * u. Task = (active expert, column block of the part). */
@@ -345,8 +345,11 @@ static void fwd_gate_up_task(void *arg, int part, int task, int tid) {
         gemm_nt(m, nb, H, rows, wu, ldu, 0, cu, NB);
         if (r > 0) {
             size_t brow = ((size_t)e * L->I + (size_t)(i0 + n0)) * r;
-            add_lora_out(cg, NB, m, nb, ctx->ag + (size_t)p0 * r, L->gate_b + brow, r, a->s);
-            add_lora_out(cu, NB, m, nb, ctx->au + (size_t)p0 * r, L->up_b + brow, r, a->s);
+            if (!add_lora_out(a, tid, cg, NB, m, nb, ctx->ag + (size_t)p0 * r, L->gate_b + brow, r, a->s) ||
+                !add_lora_out(a, tid, cu, NB, m, nb, ctx->au + (size_t)p0 * r, L->up_b + brow, r, a->s)) {
+                fail(a, 2, 0);
+                return;
+            }
         }
         for (int i = 0; i < m; i++) {
             size_t at = (size_t)(p0 + i) * Ip + n0;
@@ -409,9 +412,11 @@ static void fwd_down_task(void *arg, int part, int task, int tid) {
         float *c = dp + (size_t)p0 * H + n0;
         rows_by_pair(rows, a->h[part], (size_t)Ip, p0, m);
         gemm_nt(m, nb, Ip, rows, wd, ldd, 0, c, (size_t)H);
-        if (r > 0)
-            add_lora_out(c, (size_t)H, m, nb, ctx->ad[part] + (size_t)p0 * r,
-                         L->down_b + ((size_t)e * H + (size_t)n0) * r, r, a->s);
+        if (r > 0 && !add_lora_out(a, tid, c, (size_t)H, m, nb, ctx->ad[part] + (size_t)p0 * r,
+                                   L->down_b + ((size_t)e * H + (size_t)n0) * r, r, a->s)) {
+            fail(a, 2, 0);
+            return;
+        }
         for (int i = 0; i < m; i++) {
             float w = ctx->pair_w[p0 + i];
             float *ci = c + (size_t)i * H;
