@@ -140,12 +140,13 @@ class BaseSFTMoEWrapper:
         return m.long()
 
     def _bind_weights(self, packed: Tuple[object, object, object]) -> None:
+        # every view is built (and checked) before the native layer sees any: a failure leaves it as it was
         fmt = self.weight_format
-        for p in range(self.P):
-            for which, w in zip(("gate", "up", "down"), packed):
-                v = fmt.view(w, which, self.part_i0[p])
-                self._layer.set_weight(p, which, v.fmt, v.data_ptr, v.scale_ptr, v.zero_ptr, v.rows, v.cols,
-                                       v.row0, v.col0, v.group)
+        views = [(p, which, fmt.view(w, which, self.part_i0[p]))
+                 for p in range(self.P) for which, w in zip(("gate", "up", "down"), packed)]
+        for p, which, v in views:
+            self._layer.set_weight(p, which, v.fmt, v.data_ptr, v.scale_ptr, v.zero_ptr, v.rows, v.cols,
+                                   v.row0, v.col0, v.group)
         self._weights = packed
 
     def weight_nbytes(self) -> int:

@@ -49,7 +49,9 @@ class TrainConfig:
     device: str = "auto"                 # auto (cuda when there is one) | cpu | cuda | cuda:N: non-expert layers
     dtype: str = "auto"                  # auto (bf16 on cuda, fp32 on cpu) | float32 | bfloat16
     gradient_checkpointing: bool = False
-    cpuinfer_threads: Optional[int] = None
+    cpuinfer_threads: Optional[int] = None   # ktmoe engine threads; None: every core this process may use
+    torch_threads: int = 0               # PyTorch intra-op threads; 0: 1 for the embedded default (its matrices are
+                                         # tiny, and spinning OpenMP threads crawl on a busy machine), else torch's
     threadpool_count: int = 1
     method: str = "AMXBF16_SFT"
     # output
@@ -68,7 +70,7 @@ class TrainConfig:
         if self.steps:
             return self.steps
         if self.is_default_model:
-            return 120
+            return 200
         return max(1, int(round(self.epochs * steps_per_epoch)))
 
     @property
@@ -94,7 +96,7 @@ class TrainConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _CHOICES = {"lr_schedule": ("cosine", "linear", "constant"), "dtype": ("auto", "float32", "bfloat16")}
 _POSITIVE_INT = ("batch_size", "max_seq_len", "lora_rank", "threadpool_count", "log_every")
-_NONNEG_INT = ("steps", "warmup_steps", "attn_lora_rank", "save_every", "seed")
+_NONNEG_INT = ("steps", "warmup_steps", "attn_lora_rank", "save_every", "seed", "torch_threads")
 
 
 def _type_name(f) -> str:

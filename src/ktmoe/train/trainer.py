@@ -271,6 +271,17 @@ def describe(cfg: TrainConfig, base, model, data: Dataset, device, dtype) -> Dic
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Runs the job described by cfg (validated already: see config.make_config / load_config)."""
+    threads = cfg.torch_threads or (1 if cfg.model is None else 0)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(cfg: TrainConfig) -> TrainResult:
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
     tokenizer = load_tokenizer(cfg)
