@@ -58,7 +58,7 @@ cdef extern from "ktmoe.h" nogil:
     int kt_backward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *dy, int dy_is_f32, void *dx,
                     int dx_is_f32, float *dw, float *const grads[6], char *err)
     void kt_profile_enable(int on)
-    int kt_profile_read(int i, const char **name, double *seconds, long *calls)
+    int kt_profile_read(int i, const char **name, double *seconds, double *cpu_seconds, long *calls)
     void kt_profile_reset()
     double kt_measure_peak_gflops(kt_engine *eng, double seconds)
     double kt_measure_read_gbps(kt_engine *eng, size_t nbytes)
@@ -112,15 +112,15 @@ def profile_reset():
 
 
 def profile_read():
-    """{stage name: (seconds, calls)} accumulated since the last reset."""
+    """{stage name: (wall seconds, task CPU seconds summed over threads, calls)} since the last reset."""
     cdef const char *name
-    cdef double sec
+    cdef double sec, cpu
     cdef long calls
     out = {}
-    cdef int n = kt_profile_read(-1, &name, &sec, &calls)
+    cdef int n = kt_profile_read(-1, &name, &sec, &cpu, &calls)
     for i in range(n):
-        kt_profile_read(i, &name, &sec, &calls)
-        out[name.decode()] = (sec, calls)
+        kt_profile_read(i, &name, &sec, &cpu, &calls)
+        out[name.decode()] = (sec, cpu, calls)
     return out
 
 

@@ -99,9 +99,10 @@ int kt_forward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *x, in
 int kt_backward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *dy, int dy_is_f32, void *dx,
                 int dx_is_f32, float *dw, float *const grads[6], char *err);
 
-/* Stage profile: enable/disable, read (name, seconds, calls) entries; returns the number of entries. */
+/* Stage profile: enable/disable, read (name, wall seconds, task CPU seconds over all threads, calls)
+ * entries; returns the number of entries. CPU seconds stay meaningful on a machine shared with others. */
 void kt_profile_enable(int on);
-int kt_profile_read(int i, const char **name, double *seconds, long *calls);
+int kt_profile_read(int i, const char **name, double *seconds, double *cpu_seconds, long *calls);
 void kt_profile_reset(void);
 
 /* Peak of the active ISA's multiply-accumulate loop on all engine threads, GFLOP/s. */

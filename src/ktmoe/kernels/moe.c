@@ -204,7 +204,7 @@ int kt_backward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *dy, 
 /* ---- stage profile ---- */
 
 #define KT_PROFILE_SLOTS 32
-static struct { const char *name; double seconds; long calls; } profile[KT_PROFILE_SLOTS];
+static struct { const char *name; double seconds, cpu; long calls; } profile[KT_PROFILE_SLOTS];
 static int profile_on, profile_n;
 
 double kt_now(void) {
@@ -214,10 +214,11 @@ double kt_now(void) {
 }
 
 void kt_profile_enable(int on) { profile_on = on; }
+int kt_profile_on(void) { return profile_on; }
 void kt_profile_reset(void) { profile_n = 0; }
 
 /* Called by the calling thread only (between dispatches), so no locking. */
-void kt_profile_add(const char *stage, double seconds) {
+void kt_profile_add(const char *stage, double seconds, double cpu_seconds) {
     if (!profile_on) return;
     int i = 0;
     while (i < profile_n && strcmp(profile[i].name, stage) != 0) i++;
@@ -225,17 +226,20 @@ void kt_profile_add(const char *stage, double seconds) {
         if (profile_n == KT_PROFILE_SLOTS) return;
         profile[profile_n].name = stage;
         profile[profile_n].seconds = 0;
+        profile[profile_n].cpu = 0;
         profile[profile_n].calls = 0;
         profile_n++;
     }
     profile[i].seconds += seconds;
+    profile[i].cpu += cpu_seconds;
     profile[i].calls++;
 }
 
-int kt_profile_read(int i, const char **name, double *seconds, long *calls) {
+int kt_profile_read(int i, const char **name, double *seconds, double *cpu_seconds, long *calls) {
     if (i < 0 || i >= profile_n) return profile_n;
     *name = profile[i].name;
     *seconds = profile[i].seconds;
+    *cpu_seconds = profile[i].cpu;
     *calls = profile[i].calls;
     return profile_n;
 }

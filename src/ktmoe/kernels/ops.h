@@ -28,7 +28,10 @@ enum { KT_SH_H, KT_SH_PAIRS, KT_SH_DY, KT_SH_DG, KT_SH_DU, KT_SH_BG, KT_SH_BU, K
 void *kt_shared_buffer(kt_engine *eng, int slot, size_t bytes);
 
 /* ---- stage timing (KTMOE_PROFILE): cumulative seconds per named stage, read by the bench ---- */
-void kt_profile_add(const char *stage, double seconds);
+void kt_profile_add(const char *stage, double seconds, double cpu_seconds);
+void kt_engine_profile(kt_engine *eng, int on);
+double kt_engine_task_cpu(kt_engine *eng);
+int kt_profile_on(void);
 double kt_now(void);
 
 /* ---- the per-call context: routing plan + saved activations ---- */

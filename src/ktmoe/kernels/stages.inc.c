@@ -89,7 +89,9 @@ static void dequant_block(const kt_wmat *w, int e, int r0, int nr, int c0, int n
 }
 
 /* Rows [r0, r0 + nr) x columns [c0, c0 + nc) of expert e's matrix, relative to the part's view, as bf16
- * with row stride *ld. `scratch` must hold nr * nc values for quantized formats. */
+ * with row stride *ld. bf16 blocks are read in place; quantized ones are decoded into `scratch`, which
+ * holds w_scratch_elems() values. (Copying bf16 blocks of the backward NN GEMMs into contiguous scratch
+ * was measured slower: the copy costs more than the strided re-reads it saves.) */
 static const bf16_t *w_block(const kt_wmat *w, int e, int r0, int nr, int c0, int nc, bf16_t *scratch, size_t *ld) {
     if (w->fmt == KT_W_BF16) {
         *ld = (size_t)w->cols;
@@ -225,15 +227,22 @@ static void fail(stage_args *a, int code, int row) {
 }
 
 /* Runs a stage on every part's threads (or on all threads), timing it for the profile. */
-static void run_parts_timed(stage_args *a, const char *name, const int *ntasks, kt_task_fn fn, void *arg) {
+static void run_timed(stage_args *a, const char *name, const int *ntasks, int all, kt_task_fn fn, void *arg) {
+    int on = kt_profile_on();
+    kt_engine_profile(a->eng, on);
+    if (on) kt_engine_task_cpu(a->eng);
     double t0 = kt_now();
-    kt_run_parts(a->eng, ntasks, fn, arg);
-    kt_profile_add(name, kt_now() - t0);
+    if (all)
+        kt_run_all(a->eng, ntasks[0], fn, arg);
+    else
+        kt_run_parts(a->eng, ntasks, fn, arg);
+    if (on) kt_profile_add(name, kt_now() - t0, kt_engine_task_cpu(a->eng));
+}
+static void run_parts_timed(stage_args *a, const char *name, const int *ntasks, kt_task_fn fn, void *arg) {
+    run_timed(a, name, ntasks, 0, fn, arg);
 }
 static void run_all_timed(stage_args *a, const char *name, int ntasks, kt_task_fn fn, void *arg) {
-    double t0 = kt_now();
-    kt_run_all(a->eng, ntasks, fn, arg);
-    kt_profile_add(name, kt_now() - t0);
+    run_timed(a, name, &ntasks, 1, fn, arg);
 }
 
 /* Row pointers of a chunk of pairs: into a [*, ld] bf16 matrix, either by token or by pair index. */
