@@ -607,7 +607,7 @@ static void bwd_down_act_task(void *arg, int part, int task, int tid) {
     int H = L->H, r = L->r, I = L->I;
     float s = a->s;
     size_t deq = w_scratch_elems(&L->down[part], (size_t)H, (size_t)nb), ldd;
-    size_t lora = (size_t)r * (3 * MC + 2 * NB);
+    size_t lora = (size_t)r * (4 * MC + 2 * NB);
     float *c = kt_scratch(a->eng, tid, sizeof(float) * (4 * MC * NB + lora) + sizeof(bf16_t) * deq);
     if (!c) {
         fail(a, 2, 0);
@@ -616,7 +616,8 @@ static void bwd_down_act_task(void *arg, int part, int task, int tid) {
     float *hf = c + MC * NB, *dgf = hf + MC * NB, *duf = dgf + MC * NB;
     float *cd = duf + MC * NB, *cg = cd + (size_t)MC * r, *cu = cg + (size_t)MC * r;
     float *bgT = cu + (size_t)MC * r, *buT = bgT + (size_t)r * NB; /* dB_g^T, dB_u^T of this block */
-    const bf16_t *wd = w_block(&L->down[part], e, 0, H, n0, nb, (bf16_t *)(buT + (size_t)r * NB), &ldd);
+    float *cT = buT + (size_t)r * NB;                                /* [r, m] coefficients */
+    const bf16_t *wd = w_block(&L->down[part], e, 0, H, n0, nb, (bf16_t *)(cT + (size_t)r * MC), &ldd);
     float *gAd = NULL, *gBg = NULL, *gBu = NULL;
     if (r > 0) {
         gAd = a->grads[4] + (size_t)e * r * I + i0 + n0;           /* [r, I] at column i0 + n0 */
@@ -630,19 +631,14 @@ static void bwd_down_act_task(void *arg, int part, int task, int tid) {
         int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
         rows_by_token(rows, ctx, a->dyb, (size_t)H, p0, m);
         gemm_nn(m, nb, H, rows, wd, ldd, c, NB);
+        if (r > 0) { /* dhu += s (Bd^T dy) Ad[:, block] */
+            for (int i = 0; i < m; i++)
+                for (int j = 0; j < r; j++) cT[(size_t)j * m + i] = s * a->bd[(size_t)(p0 + i) * r + j];
+            outer_accum_f32(r, m, nb, cT, (size_t)m, L->down_a + (size_t)e * r * I + i0 + n0, (size_t)I, c, NB);
+        }
         for (int i = 0; i < m; i++) {
             int p = p0 + i;
             float *ci = c + (size_t)i * NB;
-            if (r > 0) {
-                const float *bdp = a->bd + (size_t)p * r;
-                const float *ad_w = L->down_a + (size_t)e * r * I + i0 + n0;
-                for (int j = 0; j < r; j++) {
-                    float sb = s * bdp[j];
-                    const float *row = ad_w + (size_t)j * I;
-#pragma omp simd
-                    for (int n = 0; n < nb; n++) ci[n] += sb * row[n];
-                }
-            }
             size_t at = (size_t)p * Ip + n0;
             const bf16_t *gp = ctx->g[part] + at, *up = ctx->u[part] + at;
             float w = ctx->pair_w[p], dwacc = 0.f;
@@ -777,12 +773,12 @@ static void bwd_dx_task(void *arg, int part, int task, int tid) {
     int n0 = (task % a->nblk_h) * NBH, nb = H - n0 < NBH ? H - n0 : NBH;
     float *dp = a->pairbuf + (size_t)part * ctx->npairs * H;
     size_t deq = w_scratch_elems(&L->gate[part], (size_t)Ip, (size_t)nb), ldg, ldu;
-    float *c2 = kt_scratch(a->eng, tid, sizeof(float) * MC * NBH + sizeof(bf16_t) * 2 * deq);
+    float *c2 = kt_scratch(a->eng, tid, sizeof(float) * (MC * NBH + 2 * (size_t)r * MC) + sizeof(bf16_t) * 2 * deq);
     if (!c2) {
         fail(a, 2, 0);
         return;
     }
-    bf16_t *dq = (bf16_t *)(c2 + MC * NBH);
+    bf16_t *dq = (bf16_t *)(c2 + MC * NBH + 2 * (size_t)r * MC);
     const bf16_t *wg = w_block(&L->gate[part], e, 0, Ip, n0, nb, dq, &ldg);
     const bf16_t *wu = w_block(&L->up[part], e, 0, Ip, n0, nb, dq + deq, &ldu);
     const bf16_t *rows_g[MC], *rows_u[MC];
@@ -794,21 +790,20 @@ static void bwd_dx_task(void *arg, int part, int task, int tid) {
         gemm_nn(m, nb, Ip, rows_g, wg, ldg, c1, (size_t)H);
         gemm_nn(m, nb, Ip, rows_u, wu, ldu, c2, NBH);
         for (int i = 0; i < m; i++) {
-            int p = p0 + i;
             float *ci = c1 + (size_t)i * H;
             const float *c2i = c2 + (size_t)i * NBH;
 #pragma omp simd
             for (int n = 0; n < nb; n++) ci[n] += c2i[n];
-            if (r > 0) {
-                const float *bg = a->bg[part] + (size_t)p * r, *bu = a->bu[part] + (size_t)p * r;
-                const float *ag_w = L->gate_a + (size_t)e * r * H + n0, *au_w = L->up_a + (size_t)e * r * H + n0;
+        }
+        if (r > 0) { /* + s (dg Bg) Ag + s (du Bu) Au, as products over the rank */
+            float *cgT = c2 + MC * NBH, *cuT = cgT + (size_t)r * MC;
+            for (int i = 0; i < m; i++)
                 for (int j = 0; j < r; j++) {
-                    float sg = a->s * bg[j], su = a->s * bu[j];
-                    const float *rg = ag_w + (size_t)j * H, *ru = au_w + (size_t)j * H;
-#pragma omp simd
-                    for (int n = 0; n < nb; n++) ci[n] += sg * rg[n] + su * ru[n];
+                    cgT[(size_t)j * m + i] = a->s * a->bg[part][(size_t)(p0 + i) * r + j];
+                    cuT[(size_t)j * m + i] = a->s * a->bu[part][(size_t)(p0 + i) * r + j];
                 }
-            }
+            outer_accum_f32(r, m, nb, cgT, (size_t)m, L->gate_a + (size_t)e * r * H + n0, (size_t)H, c1, (size_t)H);
+            outer_accum_f32(r, m, nb, cuT, (size_t)m, L->up_a + (size_t)e * r * H + n0, (size_t)H, c1, (size_t)H);
         }
     }
 }
