@@ -11,8 +11,9 @@ from torch import nn
 
 import ktmoe
 from conftest import (THREADS, assert_close_rel, bf16_round, gen, make_expert_weights, make_ids, make_lora,
-                      make_routing_weights, make_x)
-from tolerances import LOSS_CURVE_REL, LOSS_DECREASE_FACTOR, REL_L2, RSS_SLACK_BYTES, SAME_PATH_REL_L2
+                      make_routing_weights, make_x, lora_shapes, record)
+from tolerances import (LOSS_CURVE_MEAN_REL, LOSS_CURVE_REL, LOSS_CURVE_SPIKE_REL, LOSS_DECREASE_FACTOR, REL_L2,
+                        RSS_SLACK_BYTES, SAME_PATH_REL_L2)
 
 TOL = REL_L2[16]
 
@@ -86,6 +87,27 @@ def test_module_grads_match_reference(isa, x_dtype, w_dtype):
     for n in ktmoe.LORA_NAMES:
         assert gl[n] is not None and gl[n].dtype == torch.float32 and gl[n].shape == getattr(mod, n).shape
         assert_close_rel(n, gl[n], glr[n], TOL, grp)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
+    "BUG: KTMoEExperts(lora_rank=0) constructs, but its first forward fails: KTMoEExperts._bind() calls "
+    "wrapper.init_lora_weights() with the six (E, 0, *) parameters, which raises "
+    "ValueError('this wrapper was built with lora_rank=0'); the wrapper itself supports r=0"))
+def test_module_without_lora_rank0():
+    """lora_rank=0: frozen experts, gradients still reach the hidden states and the routing weights."""
+    g = gen(12)
+    weights = make_expert_weights(4, 32, 16, g)
+    mod = ktmoe.KTMoEExperts(*weights, num_experts_per_tok=2, lora_rank=0, cpuinfer_threads=THREADS)
+    x, ids, rw, dy = make_x(7, 32, g), make_ids(7, 4, 2, g), make_routing_weights(7, 2, g), make_x(7, 32, g)
+    xi, rwi = x.clone().requires_grad_(True), rw.clone().requires_grad_(True)
+    y = mod(xi, ids, rwi)
+    (y.float() * dy.float()).sum().backward()
+    xr, rwr = x.float().requires_grad_(True), rw.clone().requires_grad_(True)
+    yr = ktmoe.moe_reference(xr, ids, rwr, *(t.float() for t in weights))
+    (yr * dy.float()).sum().backward()
+    assert_close_rel("y", y, yr, TOL)
+    assert_close_rel("grad_input", xi.grad, xr.grad, TOL)
+    assert_close_rel("weights_grad", rwi.grad, rwr.grad, TOL)
 
 
 def test_only_lora_requires_grad():
@@ -216,7 +238,7 @@ def test_checkpoint_gives_same_grads(isa):
 
 # --------------------------------------------------------------------------------------- toy model
 class ToyMoELayer(nn.Module):
-    """x -> x + experts(x, top-k of softmax(router(x)), renormalised weights)."""
+    """h -> h + experts(h, top-k of softmax(router(r)), renormalised weights), r = h or a given input."""
 
     def __init__(self, experts: nn.Module, H: int, E: int, k: int, router_weight: torch.Tensor):
         super().__init__()
@@ -224,24 +246,44 @@ class ToyMoELayer(nn.Module):
         with torch.no_grad():
             self.router.weight.copy_(router_weight)
         self.experts, self.k = experts, k
+        self.last_ids = self.last_probs = None
 
-    def forward(self, x):
-        probs = torch.softmax(self.router(x), dim=-1)
+    def forward(self, h, route_input=None):
+        probs = torch.softmax(self.router(h if route_input is None else route_input), dim=-1)
         w, ids = torch.topk(probs, self.k, dim=-1)
         w = w / w.sum(dim=-1, keepdim=True)
-        return x + self.experts(x, ids, w)
+        self.last_ids, self.last_probs = ids, probs.detach()
+        return h + self.experts(h, ids, w)
 
 
-def build_toy(kind: str, E=8, k=2, H=64, I=32, r=4, alpha=8.0, seed=0):
+class ToyModel(nn.Module):
+    """Two ToyMoELayers. route_on_input: both routers read the model input x (not the layer input), so
+    the routing decisions of two models with equal router weights are bit-identical."""
+
+    def __init__(self, layers, route_on_input=False):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.route_on_input = route_on_input
+
+    def forward(self, x):
+        h = x
+        for layer in self.layers:
+            h = layer(h, x if self.route_on_input else None)
+        return h
+
+
+def build_toy(kind: str, E=8, k=2, H=64, I=32, r=4, alpha=8.0, seed=0, route_on_input=False, lora_b_scale=0.0):
+    """The toy model with ktmoe experts (kind='ktmoe') or the pure-PyTorch twin (kind='torch'); identical
+    weights, routers and LoRA init (A random like PEFT, B zero unless lora_b_scale)."""
     g = gen(seed)
     layers = []
     for li in range(2):
         weights = make_expert_weights(E, H, I, g)
         router_w = torch.randn(E, H, generator=g) / H ** 0.5
-        lora = {n: (bf16_round(torch.randn(s, generator=g) / s[-1] ** 0.5) if n.endswith("_a")
-                    else torch.zeros(s))
-                for n, s in (("gate_lora_a", (E, r, H)), ("gate_lora_b", (E, I, r)), ("up_lora_a", (E, r, H)),
-                             ("up_lora_b", (E, I, r)), ("down_lora_a", (E, r, I)), ("down_lora_b", (E, H, r)))}
+        lora = {}
+        for n, s in lora_shapes(E, H, I, r).items():
+            scale = 1 / s[-1] ** 0.5 if n.endswith("_a") else lora_b_scale
+            lora[n] = bf16_round(torch.randn(s, generator=g) * scale)
         if kind == "ktmoe":
             experts = ktmoe.KTMoEExperts(*weights, num_experts_per_tok=k, lora_rank=r, lora_alpha=alpha,
                                          layer_idx=li, cpuinfer_threads=THREADS)
@@ -251,17 +293,29 @@ def build_toy(kind: str, E=8, k=2, H=64, I=32, r=4, alpha=8.0, seed=0):
             for n in ktmoe.LORA_NAMES:
                 getattr(experts, n).copy_(lora[n])
         layers.append(ToyMoELayer(experts, H, E, k, router_w))
-    return nn.Sequential(*layers)
+    return ToyModel(layers, route_on_input)
 
 
-def train_toy(kind: str, steps=50, T=32, H=64, lr=1e-2):
-    model = build_toy(kind, H=H)
-    g = gen(123)
-    x = torch.randn(T, H, generator=g).to(torch.bfloat16).float()
-    target = x + 0.5 * torch.tanh(torch.randn(T, H, generator=g))
+def toy_batches(steps, T=32, H=64, seed=123):
+    """Fresh batches (the same for both models): x and a learnable target x + 0.5 tanh(x M) + noise.
+    Fresh data keeps the loss away from zero (a fixed batch is overfitted to ~1e-3 within 50 steps,
+    where relative loss differences stop meaning anything)."""
+    g = gen(seed)
+    M = torch.randn(H, H, generator=g) / H ** 0.5
+    out = []
+    for _ in range(steps):
+        x = torch.randn(T, H, generator=g).to(torch.bfloat16).float()
+        out.append((x, x + 0.5 * torch.tanh(x @ M) + 0.1 * torch.randn(T, H, generator=g)))
+    return out
+
+
+def train_toy(kind: str, steps=50, lr=1e-2, route_on_input=False, train_router=True, seed=0):
+    model = build_toy(kind, seed=seed, route_on_input=route_on_input)
+    for layer in model.layers:
+        layer.router.weight.requires_grad_(train_router)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
-    for _ in range(steps):
+    for x, target in toy_batches(steps):
         opt.zero_grad(set_to_none=True)
         loss = nn.functional.mse_loss(model(x), target)
         loss.backward()
@@ -270,18 +324,83 @@ def train_toy(kind: str, steps=50, T=32, H=64, lr=1e-2):
     return losses
 
 
+def _curve_diffs(got, ref):
+    return [abs(a - b) / abs(b) for a, b in zip(got, ref)]
+
+
 def test_toy_model_training_follows_pytorch():
+    """50 AdamW steps (lr 1e-2) of the two-layer toy model, LoRA trained, routing decisions shared
+    (routers frozen, reading the model input): the loss curve follows the pure-PyTorch model's step by
+    step within LOSS_CURVE_REL, and falls."""
+    ref = train_toy("torch", route_on_input=True, train_router=False)
+    got = train_toy("ktmoe", route_on_input=True, train_router=False)
+    rel = _curve_diffs(got, ref)
+    print(f"\nloss ktmoe {got[0]:.5f} -> {got[-1]:.5f}; torch {ref[0]:.5f} -> {ref[-1]:.5f}; "
+          f"worst per-step rel diff {max(rel):.2e}")
+    record("toy-training", "loss_rel_diff", max(rel))
+    bad = [(i, a, b) for i, (a, b, d) in enumerate(zip(got, ref, rel)) if d >= LOSS_CURVE_REL]
+    assert not bad, f"loss curves differ by >= {LOSS_CURVE_REL} at (step, ktmoe, torch) {bad[:5]}"
+    for curve in (got, ref):
+        assert sum(curve[-10:]) < LOSS_DECREASE_FACTOR * sum(curve[:10]), f"loss did not fall: {curve}"
+
+
+def test_toy_model_training_with_router_follows_pytorch():
+    """The same with the routers trained too and each reading its own layer's input. Top-k routing is
+    discontinuous: a token whose 2nd and 3rd router probabilities nearly tie (gaps of 1e-4 occur) picks
+    another expert under a bf16-level change, so single steps jump (the pure-PyTorch model itself, with
+    only its expert inputs/outputs rounded to bf16, jumps by up to 2e-1 on some seeds). The per-step
+    bound is therefore LOSS_CURVE_SPIKE_REL, the whole-curve bounds are on the mean and the end."""
     ref = train_toy("torch")
     got = train_toy("ktmoe")
-    rel = [abs(a - b) / abs(b) for a, b in zip(got, ref)]
-    worst = max(rel)
+    rel = _curve_diffs(got, ref)
+    mean = sum(rel) / len(rel)
+    end = abs(sum(got[-10:]) - sum(ref[-10:])) / sum(ref[-10:])
     print(f"\nloss ktmoe {got[0]:.5f} -> {got[-1]:.5f}; torch {ref[0]:.5f} -> {ref[-1]:.5f}; "
-          f"worst per-step rel diff {worst:.2e}")
-    from conftest import record
-    record("toy-training", "loss_rel_diff", worst)
-    bad = [(i, a, b) for i, (a, b) in enumerate(zip(got, ref)) if abs(a - b) / abs(b) >= LOSS_CURVE_REL]
-    assert not bad, f"loss curves diverge at steps {bad[:5]}"
-    assert got[-1] < LOSS_DECREASE_FACTOR * got[0], f"loss did not decrease enough: {got[0]} -> {got[-1]}"
+          f"per-step rel diff max {max(rel):.2e} mean {mean:.2e}; last-10 mean rel diff {end:.2e}")
+    record("toy-training-router", "loss_rel_max", max(rel))
+    record("toy-training-router", "loss_rel_mean", mean)
+    assert max(rel) < LOSS_CURVE_SPIKE_REL, rel
+    assert mean < LOSS_CURVE_MEAN_REL, rel
+    assert end < LOSS_CURVE_MEAN_REL, (got[-10:], ref[-10:])
+    for curve in (got, ref):
+        assert sum(curve[-10:]) < LOSS_DECREASE_FACTOR * sum(curve[:10]), f"loss did not fall: {curve}"
+
+
+@pytest.mark.parametrize("route_on_input", [False, True], ids=["route_on_layer_input", "route_on_model_input"])
+def test_toy_model_one_step_grads(isa, route_on_input):
+    """One forward/backward of the whole toy model (LoRA B nonzero, so every path carries gradient):
+    the loss and every parameter gradient, routers included (they get theirs through the routing-weight
+    gradient), match the pure-PyTorch model."""
+    models = {kind: build_toy(kind, seed=5, route_on_input=route_on_input, lora_b_scale=0.1)
+              for kind in ("ktmoe", "torch")}
+    # keep tokens whose top-k choice is clear in both layers (2nd - 3rd router probability > 1e-2), so
+    # the bf16-level differences cannot flip a routing decision and the gradients are comparable
+    x, target = toy_batches(1, T=96, seed=77)[0]
+    with torch.no_grad():
+        models["torch"](x)
+    gaps = torch.stack([(lambda p: p[:, 1] - p[:, 2])(layer.last_probs.sort(-1, descending=True).values)
+                        for layer in models["torch"].layers]).min(0).values
+    keep = torch.nonzero(gaps > 1e-2).flatten()[:32]
+    assert len(keep) == 32
+    x, target = x[keep].clone(), target[keep].clone()
+    results = {}
+    for kind, model in models.items():
+        xi = x.clone().requires_grad_(True)
+        loss = nn.functional.mse_loss(model(xi), target)
+        loss.backward()
+        results[kind] = (loss.item(), xi.grad, {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+                         [layer.last_ids for layer in model.layers])
+    (lk, dxk, gk, idk), (lr_, dxr, gr, idr) = results["ktmoe"], results["torch"]
+    for a, b in zip(idk, idr):  # precondition: the data has no near-tie, both models route alike
+        # (the order within the top-k may differ at a 1st/2nd tie; the set of experts is what counts)
+        assert torch.equal(a.sort(-1).values, b.sort(-1).values), "routing differs: pick data without near-ties"
+    assert abs(lk - lr_) / lr_ < TOL
+    assert_close_rel("toy_grad_input", dxk, dxr, TOL, f"toy-one-step/{isa}")
+    assert set(gk) == set(gr) and len(gk) == 2 * (1 + 6)
+    for n in gk:
+        assert gk[n] is not None, n
+        assert_close_rel(n.split(".")[-1] if "router" not in n else "router_grad", gk[n], gr[n], TOL,
+                         f"toy-one-step/{isa}")
 
 
 # ------------------------------------------------------------------------------------------ memory

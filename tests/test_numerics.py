@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ktmoe
-from conftest import (assert_close_rel, gen, make_expert_weights, make_ids, make_lora, make_routing_weights,
+from conftest import (SFT_METHODS, assert_close_rel, gen, make_expert_weights, make_ids, make_lora, make_routing_weights,
                       make_wrapper, make_x, reference)
 from tolerances import REORDER_REL_L2, rel_l2_tol, rel_l2_vs_original_tol
 
@@ -36,8 +36,8 @@ CASES = [
     dict(id="no_lora_odd_skips", T=7, E=3, k=2, H=33, I=17, r=0, skip_frac=0.25, all_skipped=(3,)),
     dict(id="dup_expert_in_token", T=8, E=4, k=3, H=64, I=32, r=4, dup=True),
     dict(id="H256_I256", T=64, E=8, k=2, H=256, I=256, r=16),
-    # the single moderately sized case
-    dict(id="moderate_H1024_I512", T=160, E=8, k=2, H=1024, I=512, r=16),
+    # the single moderately sized case (several 128-wide K-groups, > 128 rows for some experts)
+    dict(id="moderate_H768_I384", T=300, E=8, k=2, H=768, I=384, r=16),
 ]
 
 
@@ -55,9 +55,35 @@ def _ids_for(c, g, dtype=torch.int64):
                     all_skipped_rows=c.get("all_skipped", ()), always=c.get("always"), dtype=dtype)
 
 
+def method_kwargs(method, H, I, parts=1):
+    """Extra wrapper arguments a method needs for this shape (group_size for K-group formats), or a skip:
+    int4 formats pack two weights per byte (H and I even); K-group formats need group_size | H and I/P."""
+    fmt = ktmoe.REGISTRY[method].weight_format
+    if fmt.bits == 4 and (H % 2 or I % 2):
+        pytest.skip(f"{method}: int4 needs even H and I (got H={H}, I={I}); the rejection is tested in test_api")
+    if getattr(fmt, "per_group", False):
+        for gs in (128, 64, 32, 16, 8, 4, 2):
+            if H % gs == 0 and (I // parts) % gs == 0:
+                return dict(group_size=gs)
+        pytest.skip(f"{method}: no group_size in 2..128 divides H={H} and I/P={I // parts}")
+    return {}
+
+
+_REFERENCE_CACHE: dict = {}
+
+
+def _cached(key, compute):
+    if key not in _REFERENCE_CACHE:
+        _REFERENCE_CACHE[key] = compute()
+    return _REFERENCE_CACHE[key]
+
+
 def run_and_check(method, c, *, seed=0, x_dtype=torch.bfloat16, ids_dtype=torch.int64, w_dtype=torch.float32,
                   group="", extra_kwargs=None):
     T, E, k, H, I, r = c["T"], c["E"], c["k"], c["H"], c["I"], c["r"]
+    extra_kwargs = dict(extra_kwargs or {})
+    if "group_size" not in extra_kwargs:
+        extra_kwargs.update(method_kwargs(method, H, I, extra_kwargs.get("threadpool_count", 1)))
     g = gen(seed)
     weights = make_expert_weights(E, H, I, g)
     lora = make_lora(E, H, I, r, g) if r > 0 else None
@@ -67,7 +93,7 @@ def run_and_check(method, c, *, seed=0, x_dtype=torch.bfloat16, ids_dtype=torch.
     dy = make_x(T, H, g) if x_dtype == torch.bfloat16 else torch.randn(T, H, generator=g).to(x_dtype)
 
     wr = make_wrapper(E, k, H, I, r, alpha=c.get("alpha"), method=method, weights=weights, lora=lora,
-                      **(extra_kwargs or {}))
+                      **extra_kwargs)
     bits = wr.weight_format.bits
     y = wr.forward_sft(x, ids, rw)
     dx, grads = wr.backward(dy)
@@ -81,8 +107,11 @@ def run_and_check(method, c, *, seed=0, x_dtype=torch.bfloat16, ids_dtype=torch.
     for n in ktmoe.LORA_NAMES if r > 0 else ():
         assert grads[n].shape == wr.lora_shapes()[n] and grads[n].dtype == torch.float32, n
 
-    deq = wr.dequantized_weights()
-    yr, dxr, dwr, gr = reference(x, ids, rw, deq, lora, wr.lora_scale, dy)
+    # The reference does not depend on the ISA level or on TP: computed once per case, format and inputs.
+    fmt = wr.weight_format
+    key = (repr(sorted(c.items())), seed, x_dtype, ids_dtype, w_dtype, wr.lora_scale)
+    yr, dxr, dwr, gr = _cached((fmt.name, extra_kwargs.get("group_size")) + key,
+                               lambda: reference(x, ids, rw, wr.dequantized_weights(), lora, wr.lora_scale, dy))
     tol = rel_l2_tol(bits)
     grp = group or f"{method}/{ktmoe.cpu_info()['isa_active']}"
     assert_close_rel("y", y, yr, tol, grp)
@@ -91,7 +120,7 @@ def run_and_check(method, c, *, seed=0, x_dtype=torch.bfloat16, ids_dtype=torch.
     for n in ktmoe.LORA_NAMES if r > 0 else ():
         assert_close_rel(n, grads[n], gr[n], tol, grp)
     if bits < 16:  # quantized: loosely against the original weights as well
-        yo, dxo, _, _ = reference(x, ids, rw, weights, lora, wr.lora_scale, dy)
+        yo, dxo, _, _ = _cached(("original",) + key, lambda: reference(x, ids, rw, weights, lora, wr.lora_scale, dy))
         assert_close_rel("y_vs_original", y, yo, rel_l2_vs_original_tol(bits))
         assert_close_rel("dx_vs_original", dx, dxo, rel_l2_vs_original_tol(bits))
 
@@ -119,11 +148,18 @@ def test_shapes(isa, sft_method, case):
 DTYPE_CASE = dict(T=24, E=6, k=2, H=96, I=40, r=4, skip_frac=0.15, all_skipped=(2,))
 
 
-@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32], ids=["x_bf16", "x_fp32"])
-@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32], ids=["ids_i64", "ids_i32"])
-@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16], ids=["w_fp32", "w_bf16"])
-def test_input_dtypes(isa, sft_method, x_dtype, ids_dtype, w_dtype):
-    run_and_check(sft_method, DTYPE_CASE, seed=1, x_dtype=x_dtype, ids_dtype=ids_dtype, w_dtype=w_dtype)
+_DTYPES = [(x, i, w) for x in (torch.bfloat16, torch.float32) for i in (torch.int64, torch.int32)
+           for w in (torch.float32, torch.bfloat16)]
+# Input dtypes are handled before the weight format matters: every combination for the bf16 method,
+# the all-non-default one for the others (the default combination runs in test_shapes).
+_DTYPE_PARAMS = [pytest.param(m, x, i, w, id=f"{m}-{str(x)[6:]}-{str(i)[6:]}-w_{str(w)[6:]}")
+                 for m in SFT_METHODS for (x, i, w) in _DTYPES
+                 if m == "AMXBF16_SFT" or (x, i, w) == (torch.float32, torch.int32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("method,x_dtype,ids_dtype,w_dtype", _DTYPE_PARAMS)
+def test_input_dtypes(isa, method, x_dtype, ids_dtype, w_dtype):
+    run_and_check(method, DTYPE_CASE, seed=1, x_dtype=x_dtype, ids_dtype=ids_dtype, w_dtype=w_dtype)
 
 
 def test_fp16_hidden_states_accepted(sft_method):
@@ -139,11 +175,12 @@ def test_tensor_parallel_two_subpools(isa, sft_method, case):
     """threadpool_count=2 (one thread per subpool here) matches the reference and the P=1 result."""
     if case["I"] % 2:
         case = dict(case, I=case["I"] + 1)
+    kw = method_kwargs(sft_method, case["H"], case["I"], parts=2)  # the same group_size for P=1 and P=2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a second engine (P=2) beside the P=1 one
-        _, _, (y2, dx2, g2) = run_and_check(sft_method, case, seed=3, extra_kwargs=dict(threadpool_count=2),
+        _, _, (y2, dx2, g2) = run_and_check(sft_method, case, seed=3, extra_kwargs=dict(threadpool_count=2, **kw),
                                             group=f"{sft_method}/tp2")
-    _, _, (y1, dx1, g1) = run_and_check(sft_method, case, seed=3)
+    _, _, (y1, dx1, g1) = run_and_check(sft_method, case, seed=3, extra_kwargs=kw)
     assert_close_rel("y_tp2_vs_tp1", y2, y1, REORDER_REL_L2)
     assert_close_rel("dx_tp2_vs_tp1", dx2, dx1, REORDER_REL_L2)
     for n in g1:

@@ -27,7 +27,8 @@ intermediate and r the LoRA rank; elementwise work (SiLU, products, routing-weig
 GFLOP/s = step FLOPs / (fwd + bwd time). "% peak" divides by the bf16 peak this run measures with the
 engine (`measure_peak_gflops`, at the active ISA level, all engine threads). "% BW bound" (shown where the
 step is bandwidth-bound, i.e. small T) is t_bound / t_measured with t_bound = 2 * n_touched * 3*H*I*2
-bytes (each touched expert's bf16 weights read once in forward, once in backward) / measured read GB/s.
+bytes (each touched expert's bf16 weights read once in forward, once in backward; for quantized methods
+the expert's packed bytes, wrapper.weight_nbytes() / E, replace 3*H*I*2) / measured read GB/s.
 "x vs torch" and "x vs kt-kernel" are (their fwd+bwd median) / (ktmoe fwd+bwd median), so > 1 means ktmoe
 is faster.
 

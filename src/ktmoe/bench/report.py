@@ -55,7 +55,7 @@ def render(res: dict) -> str:
              f"python {res['python']}; {peer}")
     L.append(f"- LoRA rank {res['rank']}, alpha {res['lora_alpha']:g}; median of {res['repeats']} interleaved "
              f"rounds after {res['warmup']} warm-up; FLOPs per (token, expert) pair: fwd 6HI + 6r(H+I), "
-             f"bwd 6HI + 12r(H+I); % BW bound = (2 x touched experts' bf16 weights / GB/s) / time, shown where "
+             f"bwd 6HI + 12r(H+I); % BW bound = (2 x touched experts' packed weights / GB/s) / time, shown where "
              f"the step is bandwidth-bound; x vs = their fwd+bwd / ktmoe fwd+bwd (> 1: ktmoe faster)")
     L.append("")
 

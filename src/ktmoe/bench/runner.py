@@ -92,14 +92,15 @@ def measure_overhead(wrapper, T: int, E: int, k: int, H: int, n: int) -> dict:
         for i in range(n + 2):
             _Clock.native = 0.0
             t0 = time.perf_counter()
-            wrapper.forward_sft(x, ids, wts, save_for_backward=True)
+            y = wrapper.forward_sft(x, ids, wts, save_for_backward=True)
             t1 = time.perf_counter()
             nf = _Clock.native
             _Clock.native = 0.0
             t2 = time.perf_counter()
-            wrapper.backward(dy)
+            grads = wrapper.backward(dy)
             t3 = time.perf_counter()
             nb = _Clock.native
+            del y, grads  # freed outside the timed span: freeing results is the caller's business
             if i < 2:  # warm-up
                 continue
             fwd_tot.append((t1 - t0) * 1e6)
@@ -150,10 +151,11 @@ class Path:
 def _ktmoe_step(wrapper, inputs) -> Tuple[float, float]:
     x, ids, wts, dy = inputs
     t0 = time.perf_counter()
-    wrapper.forward_sft(x, ids, wts, save_for_backward=True)
+    y = wrapper.forward_sft(x, ids, wts, save_for_backward=True)
     t1 = time.perf_counter()
-    wrapper.backward(dy)
+    grads = wrapper.backward(dy)
     t2 = time.perf_counter()
+    del y, grads
     return (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
 
@@ -177,11 +179,31 @@ def _peer_step(peer: Peer, T: int) -> Tuple[float, float]:
 
 
 # ---------------------------------------------------------------- one preset
+def _held_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _held_tensors(o)
+    elif hasattr(obj, "__dict__"):
+        for v in vars(obj).values():
+            if isinstance(v, torch.Tensor):
+                yield v
+
+
 def _aliased(wrapper, tensors) -> bool:
-    """Whether the wrapper reads the bench's bf16 tensors in place (then their bytes are the wrapper's)."""
-    held = getattr(wrapper, "_weights", None) or ()
-    ptrs = {t.data_ptr() for t in tensors}
-    return any(isinstance(h, torch.Tensor) and h.data_ptr() in ptrs for h in held)
+    """Whether the wrapper reads the bench's bf16 tensors in place (then their bytes are the wrapper's).
+    Peeks at the wrapper's private `_weights` (packed tensors, or objects holding them)."""
+    ptrs = {t.untyped_storage().data_ptr() for t in tensors}
+    return any(t.untyped_storage().data_ptr() in ptrs for t in _held_tensors(getattr(wrapper, "_weights", None)))
+
+
+def _format_bits(method: str) -> int:
+    try:
+        from ..methods import REGISTRY
+        return int(getattr(REGISTRY[method].weight_format, "bits", 16))
+    except Exception:
+        return 16
 
 
 def run_preset(preset: wl.Preset, args, machine: dict) -> dict:
@@ -192,7 +214,8 @@ def run_preset(preset: wl.Preset, args, machine: dict) -> dict:
     W = wl.weight_bytes_bf16(E, H, I)
     lora_f32 = wl.lora_numel(E, H, I, r) * 4
     act = max_T * k * (2 * H + 4 * I) * 4 * 4 + max_T * H * 2 * 8  # generous: saved activations, torch path
-    need = W + 2 * lora_f32 * len(args.method) + lora_f32 // 2 + act
+    packed = sum(W * _format_bits(m) // 16 * 9 // 8 for m in args.method if _format_bits(m) != 16)  # +scales
+    need = W + packed + 2 * lora_f32 * len(args.method) + lora_f32 // 2 + act
     avail = wl.mem_available_bytes()
     if avail is not None and need > MEM_HEADROOM * avail:
         msg = (f"skipped {preset.name}: needs about {need / 2**30:.1f} GiB (bf16 weights {W / 2**30:.1f} GiB) but "
@@ -305,25 +328,28 @@ def run_preset(preset: wl.Preset, args, machine: dict) -> dict:
             ln = ", ".join(f"{lbl} {s['total_ms']:.1f} ms" if "total_ms" in s else f"{lbl} error"
                            for lbl, s in summ.items())
             log(f"{preset.name} T={T}: {ln}")
-            res["rows"].extend(_rows(preset, r, T, n_touched, summ, args.method, machine, peer_info))
+            expert_bytes = {m: w.weight_nbytes() / E for m, (w, _) in wrappers.items()}
+            res["rows"].extend(_rows(preset, r, T, n_touched, summ, expert_bytes, machine, peer_info))
     finally:
         for p in peers.values():
             p.close()
     return res
 
 
-def _rows(preset, r, T, n_touched, summ, methods, machine, peer_info) -> List[dict]:
+def _rows(preset, r, T, n_touched, summ, expert_bytes, machine, peer_info) -> List[dict]:
+    """expert_bytes: method -> bytes of one expert's packed weights (3*H*I*2 for bf16)."""
     E, k, H, I = preset.E, preset.k, preset.H, preset.I
     fwd_fl, bwd_fl = wl.step_flops(T * k, H, I, r)
     flops = fwd_fl + bwd_fl
     peak, gbps = machine["peak_gflops"], machine["read_gbps"]
-    bw_bytes = wl.bandwidth_bytes(n_touched, H, I)
-    t_bw = bw_bytes / (gbps * 1e9) if gbps > 0 else float("nan")
     t_fl = flops / (peak * 1e9) if peak > 0 else float("nan")
-    bw_bound = t_bw >= t_fl
     torch_s = summ.get("torch")
     rows = []
-    for m in methods:
+    for m, per_expert in expert_bytes.items():
+        # each touched expert's weights read once in forward and once in backward
+        bw_bytes = int(2 * n_touched * per_expert) if per_expert > 0 else wl.bandwidth_bytes(n_touched, H, I)
+        t_bw = bw_bytes / (gbps * 1e9) if gbps > 0 else float("nan")
+        bw_bound = t_bw >= t_fl
         ours = summ[f"ktmoe:{m}"]
         peer_s = summ.get(f"kt-kernel:{m}")
         if peer_s is None and m in peer_info and "error" in peer_info[m]:

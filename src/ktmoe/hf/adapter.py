@@ -20,6 +20,10 @@ means the quadrants B[:I, r*E:] and B[I:, :r*E] are zero. PEFT nests the two wra
 in parameter order: the gate_up_proj wrapper is inner, so its keys read `...mlp.experts.base_layer.lora_A.weight`,
 the down_proj ones `...mlp.experts.lora_A.weight`. Loading identifies the two by shape, not by nesting.
 
+peft 0.21.2 warns, when it builds such a model, that the target_parameters keys of rank_pattern/alpha_pattern
+"did not match any targeted module and were ignored": it checks them against target_modules only, and does
+apply them (tests/test_hf_adapter.py checks the resulting ranks).
+
 Loading accepts any PEFT adapter of this kind: if the gate_up B is not block-diagonal (an adapter trained by
 plain PEFT), it is represented exactly with ktmoe rank R (Ag = Au = A), down padded with zeros.
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -48,7 +53,8 @@ def _peft():
     try:
         import peft  # noqa: F401
     except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError("ktmoe.hf adapters need PEFT: pip install 'ktmoe[hf]' (transformers, peft, safetensors)") from e
+        raise ImportError("ktmoe.hf adapters need PEFT: pip install 'ktmoe[hf]' (transformers, peft, "
+                          "safetensors)") from e
     return peft
 
 
@@ -69,8 +75,11 @@ def expert_lora_to_peft(lora: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[tor
     b_gu = b.permute(1, 2, 0).reshape(2 * I, 2 * r * E)
     a_d = Ad.reshape(E * r, I)
     b_d = Bd.permute(1, 2, 0).reshape(H, r * E)
-    return {"gate_up_proj": (a_gu.contiguous(), b_gu.contiguous()),
-            "down_proj": (a_d.contiguous(), b_d.contiguous())}
+    # always fresh storage: a view of a live parameter would follow the training
+    return {"gate_up_proj": (a_gu.clone(memory_format=torch.contiguous_format),
+                             b_gu.clone(memory_format=torch.contiguous_format)),
+            "down_proj": (a_d.clone(memory_format=torch.contiguous_format),
+                          b_d.clone(memory_format=torch.contiguous_format))}
 
 
 def _experts_major_b(b: torch.Tensor, E: int) -> torch.Tensor:
@@ -183,8 +192,12 @@ def add_lora(model: nn.Module, *, r: int = 8, lora_alpha: float = 16.0, target_m
     experts = routed_experts(model)
     if not experts:
         raise ValueError("add_lora() needs a converted model: call ktmoe.hf.convert_model() first")
+    if _is_peft_model(model):
+        raise ValueError("add_lora() got a PEFT model: the expert LoRA of a converted model trains next to any PEFT "
+                         "adapter already; use that model as it is")
     family = get_family(base_model_of(model))
-    targets = list(family.attention_targets if target_modules is None else target_modules)
+    targets = family.attention_targets if target_modules is None else target_modules
+    targets = targets if isinstance(targets, str) else list(targets)  # a str is PEFT's regex form
     for m in experts.values():
         for p in m.lora_parameters:
             p.requires_grad_(True)
@@ -233,7 +246,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default"):
         cfg = copy.deepcopy(model.peft_config[adapter_name])
         if getattr(cfg, "use_dora", False):
             raise ValueError("DoRA adapters cannot carry ktmoe expert LoRA")
-        sd = {k: v.detach().to(torch.float32, copy=True) if v.is_floating_point() else v.detach().clone()
+        sd = {k: v.detach().to("cpu", torch.float32, copy=True) if v.is_floating_point() else v.detach().cpu().clone()
               for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()
               if not k.startswith(expert_prefixes)}
         rslora = bool(cfg.use_rslora)
@@ -299,7 +312,8 @@ def _layer_tensors(sd: Mapping[str, torch.Tensor], name: str, H: int):
     for sub in (GATE_UP_SUB, ""):
         a, b = sd.get(pre + sub + "lora_A.weight"), sd.get(pre + sub + "lora_B.weight")
         if a is None or b is None:
-            raise KeyError(f"the adapter has no expert LoRA for {name} (expected {pre}{sub}lora_A.weight / lora_B.weight)")
+            raise KeyError(f"the adapter has no expert LoRA for {name} (expected {pre}{sub}lora_A.weight and "
+                           "lora_B.weight)")
         pairs.append((a, b))
     (p, q) = pairs
     if p[0].shape[1] != H and q[0].shape[1] == H:  # gate_up's A reads the hidden size
@@ -373,9 +387,12 @@ def from_adapter(model: nn.Module, path: str, **convert_kwargs) -> nn.Module:
         targets = sorted(targets)
     if not targets:
         targets = []
-    extra = {k: v for k, v in dict(rank_pattern={k: v for k, v in (cfg.rank_pattern or {}).items() if k not in expert_keys},
-                                    alpha_pattern={k: v for k, v in (cfg.alpha_pattern or {}).items()
-                                                   if k not in expert_keys}).items() if v}
+    extra = {k: getattr(cfg, k) for k in ("modules_to_save", "layers_to_transform", "layers_pattern",
+                                          "exclude_modules") if getattr(cfg, k, None)}
+    for pattern in ("rank_pattern", "alpha_pattern"):  # the non-expert entries, if any
+        kept = {k: v for k, v in (getattr(cfg, pattern) or {}).items() if k not in expert_keys}
+        if kept:
+            extra[pattern] = kept
     model = add_lora(model, r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=targets,
                      use_rslora=cfg.use_rslora, **extra) if targets else add_lora(model, target_modules=[])
     load_adapter(model, path)
@@ -395,7 +412,11 @@ def peft_reference(model: nn.Module, config, state_dict: Optional[Mapping[str, t
 
     config = copy.deepcopy(config)
     config.inference_mode = False
-    pm = peft.get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft 0.21 checks rank/alpha_pattern keys against target_modules only, and warns that the
+        # target_parameters keys "were ignored" although it applies them (the tests check the ranks)
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
+        pm = peft.get_peft_model(model, config)
     if state_dict is not None:
         result = set_peft_model_state_dict(pm, dict(state_dict))
         missing = [k for k in result.missing_keys if "lora_" in k]

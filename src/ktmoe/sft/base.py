@@ -100,6 +100,7 @@ class BaseSFTMoEWrapper:
         self._lora_user: Optional[Tuple[torch.Tensor, ...]] = None  # what init_lora_weights was given
         self._lora: Optional[Tuple[torch.Tensor, ...]] = None       # fp32 contiguous, read by C in place
         self._lora_ptrs: Tuple[int, ...] = ()
+        self._lora_shape_list = list(self.lora_shapes().values())
         self._saved: Optional[SavedForward] = None
         self._scratch_ctx = _core.Context()  # reused by calls that save nothing
 
@@ -204,6 +205,16 @@ class BaseSFTMoEWrapper:
             raise RuntimeError("weights are not loaded: call load_weights_from_tensors() or load_weights() first")
 
     def _check_inputs(self, hidden_states, expert_ids, weights) -> int:
+        """T, after checking the three inputs (fast path first; the slow path builds the message)."""
+        try:
+            T = hidden_states.shape[0]
+            if (hidden_states.shape == (T, self.H) and hidden_states.dtype in _FLOAT_INPUTS
+                    and expert_ids.shape == (T, self.k) and expert_ids.dtype in (torch.int64, torch.int32)
+                    and weights.shape == (T, self.k) and weights.dtype in (torch.float32, torch.bfloat16)
+                    and expert_ids.device == hidden_states.device == weights.device):
+                return T
+        except (AttributeError, IndexError, TypeError):
+            pass
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2 \
                 or hidden_states.shape[1] != self.H:
             got = _describe(hidden_states) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
@@ -221,69 +232,89 @@ class BaseSFTMoEWrapper:
         return T
 
     def _lora_ready(self) -> bool:
-        if self._lora is None:
+        lora = self._lora
+        if lora is None:
             return False
-        if tuple(t.data_ptr() for t in self._lora) != self._lora_ptrs:  # storage replaced: rebind
-            self._bind_lora(self._lora)
+        if (lora[0].data_ptr(), lora[1].data_ptr(), lora[2].data_ptr(), lora[3].data_ptr(), lora[4].data_ptr(),
+                lora[5].data_ptr()) != self._lora_ptrs:  # storage replaced: rebind
+            self._bind_lora(lora)
         return True
 
     # ---- forward / backward ----
     @staticmethod
     def _to_native(t: torch.Tensor) -> Tuple[torch.Tensor, bool]:
         """A CPU, contiguous bf16 or fp32 tensor and whether it is fp32."""
-        if t.dtype not in (torch.bfloat16, torch.float32):
+        if t.dtype is not torch.bfloat16 and t.dtype is not torch.float32:
             t = t.float()
-        t = t.to("cpu").contiguous()
-        return t, t.dtype == torch.float32
+        if not t.is_cpu:
+            t = t.to("cpu")
+        if not t.is_contiguous():
+            t = t.contiguous()
+        return t, t.dtype is torch.float32
+
+    @staticmethod
+    def _cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_cpu:
+            t = t.to("cpu")
+        return t if t.is_contiguous() else t.contiguous()
 
     def _run_forward(self, hidden_states, expert_ids, weights, save: bool) -> Tuple[torch.Tensor, Optional[SavedForward]]:
         self._require_weights()
         T = self._check_inputs(hidden_states, expert_ids, weights)
-        if self.lora_rank > 0 and self.trains and save and not self._lora_ready():
+        if not self._lora_ready() and self.lora_rank > 0 and self.trains and save:
             raise RuntimeError("LoRA weights are not initialised: call init_lora_weights() before training")
-        self._lora_ready()
         x, x_f32 = self._to_native(hidden_states)
-        ids = expert_ids.to("cpu").contiguous()
-        w = weights.to("cpu").contiguous()
+        ids = self._cpu_contiguous(expert_ids)
+        w = self._cpu_contiguous(weights)
         out = torch.empty((T, self.H), dtype=x.dtype)
+        ids_i32, w_bf16 = ids.dtype is torch.int32, w.dtype is torch.bfloat16
+        # chunk t0 starts at these byte offsets (no slicing: views cost microseconds)
+        x_row, ids_row, w_row = self.H * x.element_size(), self.k * ids.element_size(), self.k * w.element_size()
+        x_ptr, ids_ptr, w_ptr, out_ptr = x.data_ptr(), ids.data_ptr(), w.data_ptr(), out.data_ptr()
         chunks: List[_Chunk] = []
-        core = self._engine.core
+        core, layer = self._engine.core, self._layer
         for t0 in range(0, max(T, 1), self.chunk):
             t1 = min(T, t0 + self.chunk)
             ctx = _core.Context() if save else self._scratch_ctx
-            ctx.plan(self._layer, t1 - t0, ids[t0:t1].data_ptr(), ids.dtype == torch.int32,
-                     w[t0:t1].data_ptr(), w.dtype == torch.bfloat16)
-            ctx.forward(self._layer, core, x[t0:t1].data_ptr(), x_f32, out[t0:t1].data_ptr(), x_f32, save)
+            ctx.plan(layer, t1 - t0, ids_ptr + t0 * ids_row, ids_i32, w_ptr + t0 * w_row, w_bf16)
+            ctx.forward(layer, core, x_ptr + t0 * x_row, x_f32, out_ptr + t0 * x_row, x_f32, save)
             if save:
                 chunks.append(_Chunk(ctx, t0, t1))
-        y = out.to(dtype=hidden_states.dtype, device=hidden_states.device)
-        saved = SavedForward(chunks, T, hidden_states.dtype, hidden_states.device) if save else None
+        dev = hidden_states.device
+        y = out if out.dtype is hidden_states.dtype and dev.type == "cpu" else \
+            out.to(dtype=hidden_states.dtype, device=dev)
+        saved = SavedForward(chunks, T, hidden_states.dtype, dev) if save else None
         return y, saved
 
     def _run_backward(self, saved: SavedForward, grad_output: torch.Tensor
                       ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         if saved is None:
             raise RuntimeError("backward() needs a forward_sft(..., save_for_backward=True) first")
-        check_tensor("grad_output", grad_output, (saved.T, self.H), _FLOAT_INPUTS)
+        T = saved.T
+        check_tensor("grad_output", grad_output, (T, self.H), _FLOAT_INPUTS)
         dy, dy_f32 = self._to_native(grad_output)
-        dx = torch.empty((saved.T, self.H), dtype=torch.float32 if dy_f32 else torch.bfloat16)
-        dw = torch.empty((saved.T, self.k), dtype=torch.float32)
+        dx = torch.empty((T, self.H), dtype=dy.dtype)
+        dw = torch.empty((T, self.k), dtype=torch.float32)
         has_lora = self._lora is not None and self.lora_rank > 0
-        grads = {n: torch.empty(s, dtype=torch.float32) for n, s in self.lora_shapes().items()} if has_lora else {}
-        part = ({n: torch.empty(s, dtype=torch.float32) for n, s in self.lora_shapes().items()}
-                if has_lora and len(saved.chunks) > 1 else None)
-        core = self._engine.core
+        shapes = self._lora_shape_list
+        grads = [torch.empty(sh, dtype=torch.float32) for sh in shapes] if has_lora else []
+        ptrs = [g.data_ptr() for g in grads] if has_lora else None
+        extra = [torch.empty(sh, dtype=torch.float32) for sh in shapes] if has_lora and len(saved.chunks) > 1 else []
+        row = self.H * dy.element_size()
+        dy_ptr, dx_ptr, dw_ptr = dy.data_ptr(), dx.data_ptr(), dw.data_ptr()
+        core, layer = self._engine.core, self._layer
         for i, c in enumerate(saved.chunks):
-            target = grads if i == 0 or part is None else part
-            ptrs = [target[n].data_ptr() for n in LORA_NAMES] if has_lora else None
-            c.ctx.backward(self._layer, core, dy[c.t0:c.t1].data_ptr(), dy_f32, dx[c.t0:c.t1].data_ptr(), dy_f32,
-                           dw[c.t0:c.t1].data_ptr(), ptrs)
-            if i > 0 and part is not None:
-                for n in LORA_NAMES:
-                    grads[n] += part[n]
-        grad_input = dx.to(dtype=saved.dtype, device=saved.device)
-        grads["weights"] = dw.to(saved.device)
-        return grad_input, grads
+            target = ptrs if i == 0 or not extra else [g.data_ptr() for g in extra]
+            c.ctx.backward(layer, core, dy_ptr + c.t0 * row, dy_f32, dx_ptr + c.t0 * row, dy_f32,
+                           dw_ptr + c.t0 * self.k * 4, target)
+            if i > 0 and extra:
+                for g, e in zip(grads, extra):
+                    g += e
+        dev = saved.device
+        grad_input = dx if dx.dtype is saved.dtype and dev.type == "cpu" else dx.to(dtype=saved.dtype, device=dev)
+        out = dict(zip(LORA_NAMES, grads))
+        out["weights"] = dw if dev.type == "cpu" else dw.to(dev)
+        return grad_input, out
 
     def forward_sft(self, hidden_states: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                     save_for_backward: bool = True) -> torch.Tensor:

@@ -26,7 +26,7 @@ class TrainConfig:
     # what to train
     model: Optional[str] = None          # local Hugging Face checkpoint folder; None: the embedded tiny Qwen3-MoE
     data: Optional[str] = None           # alpaca / sharegpt .json or .jsonl; None: the shipped tiny instruction set
-    output_dir: str = "ktmoe-output"
+    output_dir: str = "ktmoe-out"
     tiny_model: Dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TINY_MODEL))  # embedded model's config
     # schedule
     steps: int = 0                       # 0: 120 for the embedded default, else epochs * steps per epoch
@@ -124,7 +124,7 @@ def _coerce(key: str, value: Any) -> Any:
     if "Dict" in t:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        return {**DEFAULT_TINY_MODEL, **value} if key == "tiny_model" else dict(value)
     if isinstance(value, str) and ("int" in t or "float" in t) and "str" not in t:
         try:  # YAML 1.1 reads 1e-4 as a string
             value = float(value) if "float" in t else int(value)
@@ -215,12 +215,7 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
         if not torch.cuda.is_available():
             raise ConfigError(f"device={dev!r} but no CUDA device is available (use auto or cpu)")
     if cfg.model is None:
-        from transformers import Qwen3MoeConfig
-
-        try:
-            Qwen3MoeConfig(**cfg.tiny_model)
-        except Exception as e:  # noqa: BLE001 - any bad key / value in the mapping
-            raise ConfigError(f"tiny_model: not a valid Qwen3MoeConfig: {e}") from None
+        _check_tiny_model(cfg.tiny_model)
     if check_paths:
         if cfg.model is not None:
             if not os.path.isdir(cfg.model) or not os.path.isfile(os.path.join(cfg.model, "config.json")):
@@ -233,7 +228,8 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
             except (OSError, json.JSONDecodeError) as e:
                 raise ConfigError(f"model: cannot read {cfg.model}/config.json: {e}") from None
             if mt not in families():
-                raise ConfigError(f"model: model_type {mt!r} is not supported; supported: {', '.join(sorted(families()))}")
+                raise ConfigError(f"model: model_type {mt!r} is not supported; supported: "
+                                  f"{', '.join(sorted(families()))}")
         if cfg.data is not None:
             if not os.path.isfile(cfg.data):
                 raise ConfigError(f"data: {cfg.data}: no such file")
@@ -245,6 +241,31 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
         raise ConfigError("max_seq_len must be >= 32 for the shipped dataset")
 
 
+def _check_tiny_model(tm: Dict[str, Any]) -> None:
+    from transformers import Qwen3MoeConfig
+
+    known = {f.name for f in dataclasses.fields(Qwen3MoeConfig)} | set(Qwen3MoeConfig.attribute_map) | {"head_dim"}
+    bad = sorted(k for k in tm if k not in known or k in ("vocab_size", "pad_token_id", "bos_token_id",
+                                                             "eos_token_id"))
+    if bad:
+        raise ConfigError(f"tiny_model: unknown or reserved Qwen3MoeConfig key(s) {', '.join(bad)} (the vocabulary "
+                          "is the byte tokenizer's)")
+    try:
+        c = Qwen3MoeConfig(**tm)
+    except Exception as e:  # noqa: BLE001 - any bad value
+        raise ConfigError(f"tiny_model: not a valid Qwen3MoeConfig: {e}") from None
+    for k in ("num_hidden_layers", "hidden_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+              "num_attention_heads", "num_key_value_heads"):
+        v = getattr(c, k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"tiny_model: {k} must be a positive integer, got {v!r}")
+    if c.num_experts_per_tok > c.num_experts:
+        raise ConfigError(f"tiny_model: num_experts_per_tok={c.num_experts_per_tok} > num_experts={c.num_experts}")
+    if c.num_attention_heads % c.num_key_value_heads:
+        raise ConfigError(f"tiny_model: num_attention_heads={c.num_attention_heads} is not a multiple of "
+                          f"num_key_value_heads={c.num_key_value_heads}")
+
+
 # ---------------------------------------------------------------- command line
 
 _HELP = {
@@ -253,6 +274,17 @@ _HELP = {
     "target_modules": "comma-separated PEFT target modules besides the experts ('' for none)",
     "compare": "also train the plain PyTorch + PEFT path and compare (default: on for the embedded model)",
     "resume": "checkpoint folder (output_dir/checkpoint-N) to resume from",
+    "steps": "optimizer steps (default: 200 for the embedded model, else epochs x steps per epoch)",
+    "lr": "peak learning rate (default: 3e-3 for the embedded model, else 1e-4)",
+    "lr_schedule": "cosine (default), linear or constant, after warmup",
+    "lora_rank": "expert LoRA rank per gate/up/down matrix (default 8; saved as PEFT rank 2r on gate_up_proj)",
+    "attn_lora_rank": "rank of the PEFT LoRA on target_modules (default: lora_rank)",
+    "attn_lora_alpha": "alpha of the PEFT LoRA on target_modules (default: lora_alpha)",
+    "device": "auto (default: cuda when available), cpu, cuda, cuda:N: where the non-expert layers run",
+    "dtype": "auto (default: bf16 on cuda, fp32 on cpu), float32 or bfloat16 for the non-expert layers",
+    "cpuinfer_threads": "ktmoe CPU engine threads (default: every core this process may use)",
+    "torch_threads": "PyTorch threads (default: 1 for the embedded model, else PyTorch's choice)",
+    "save_every": "also checkpoint every N steps (default 0: only at the end)",
 }
 
 

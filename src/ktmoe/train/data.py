@@ -7,7 +7,7 @@ import json
 import os
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -124,6 +124,13 @@ def _plain_segments(msgs: List[Message], eos: str) -> List[Tuple[str, bool]]:
     return segs
 
 
+def _chat_ids(tokenizer, msgs: List[Message], generation_prompt: bool) -> List[int]:
+    out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=generation_prompt)
+    if isinstance(out, Mapping):  # transformers 5 returns a BatchEncoding
+        out = out["input_ids"]
+    return [int(i) for i in out]
+
+
 def tokenize_conversation(tokenizer, msgs: List[Message], max_len: int) -> Optional[Tuple[List[int], List[int]]]:
     """(input_ids, labels): only assistant tokens are trained (labels IGNORE_INDEX elsewhere); truncated to max_len;
     None if nothing trainable is left."""
@@ -135,8 +142,8 @@ def tokenize_conversation(tokenizer, msgs: List[Message], max_len: int) -> Optio
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            prompt = list(tokenizer.apply_chat_template(msgs[:i], tokenize=True, add_generation_prompt=True))
-            full = list(tokenizer.apply_chat_template(msgs[: i + 1], tokenize=True))
+            prompt = _chat_ids(tokenizer, msgs[:i], True)
+            full = _chat_ids(tokenizer, msgs[: i + 1], False)
             if prompt[: len(prev)] != prev or full[: len(prompt)] != prompt:
                 raise ValueError("the tokenizer's chat template is not prefix-consistent; use a tokenizer without "
                                  "a chat template or single-turn data")

@@ -243,7 +243,8 @@ def describe(cfg: TrainConfig, base, model, data: Dataset, device, dtype) -> Dic
     first = next(iter(experts.values()))
     family = hf.get_family(hf.base_model_of(model))
     n_exp = sum(m.wrapper.weight_nbytes() for m in experts.values())
-    n_all = sum(p.numel() for p in hf.base_model_of(model).parameters())
+    expert_lora = {id(p) for m in experts.values() for p in m.lora_parameters}
+    n_all = sum(p.numel() for p in hf.base_model_of(model).parameters() if id(p) not in expert_lora)
     trainable = sum(p.numel() for _, p in hf.trainable_parameters(model))
     try:
         from ..engine import cpu_info
@@ -258,7 +259,7 @@ def describe(cfg: TrainConfig, base, model, data: Dataset, device, dtype) -> Dic
         "model": f"{name}: {family.name}, {mc.num_hidden_layers} layers, H={first.hidden_dim}, "
                  f"{first.num_experts} experts top-{first.wrapper.k}, I={first.intermediate_dim}",
         "placement": f"routed experts of {len(experts)} layers on the CPU via ktmoe ({cfg.method}, {isa}, "
-                     f"{n_exp / 2**20:.1f} MiB); the rest ({n_all / 1e6:.2f}M params) on {device} in "
+                     f"{n_exp / 2**20:.1f} MiB frozen); the other layers ({n_all / 1e6:.2f}M params) on {device} in "
                      f"{str(dtype).replace('torch.', '')}",
         "data": f"{cfg.data or 'shipped ' + os.path.basename(DEFAULT_DATA)}: {len(data)} examples, "
                 f"{data.num_tokens:,} tokens (dropped {data.dropped}); batch {cfg.batch_size}",
@@ -301,6 +302,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
         if start >= total:
             raise ValueError(f"resume: the checkpoint is at step {start}, the run has {total} steps")
     desc = describe(cfg, base, model, data, device, dtype)
+    if cfg.resume and cfg.compare:
+        desc["note"] = "the plain PyTorch comparison runs from step 0 only: skipped when resuming"
     os.makedirs(cfg.output_dir, exist_ok=True)
 
     def on_step(step: int) -> None:
@@ -340,8 +343,9 @@ def _curve_points(n: int, k: int = 12) -> List[int]:
 def format_summary(res: TrainResult) -> str:
     s, r = res.ktmoe, res.reference
     lines = ["", "ktmoe.train summary"]
-    for k in ("model", "placement", "data", "lora"):
-        lines.append(f"  {k:<10} {res.description[k]}")
+    for k in ("model", "placement", "data", "lora", "note"):
+        if k in res.description:
+            lines.append(f"  {k:<10} {res.description[k]}")
     first = s.losses[0] if s.losses else float("nan")
     tail = s.losses[-10:] if s.losses else [float("nan")]
     lines.append(f"  {'steps':<10} {res.start_step + 1}..{res.steps}" + (" (resumed)" if res.start_step else "")

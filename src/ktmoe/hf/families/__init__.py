@@ -53,6 +53,7 @@ class MoEFamily:
     experts_path: str = "mlp.experts"           # suffix of the experts modules' names (PEFT target_parameters)
     read_weights: Callable[[nn.Module], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
         default=read_fused_experts)
+    tiny: Dict[str, object] = field(default_factory=dict)  # config kwargs of a tiny model for tests / smoke runs
 
     def top_k(self, config) -> int:
         return int(config.num_experts_per_tok)
@@ -95,4 +96,23 @@ def get_family(model_or_config) -> MoEFamily:
     return fams[model_type]
 
 
-__all__ = ["MoEFamily", "families", "get_family", "read_fused_experts"]
+def tiny_model(model_type: str, seed: int = 0, bf16_experts: bool = True, **overrides) -> nn.Module:
+    """A tiny randomly initialised causal LM of a family (its `tiny` config, updated by overrides), fp32 on the
+    CPU. bf16_experts rounds the routed experts' weights to bf16-representable values, as ktmoe stores them,
+    so the converted and the unconverted model hold the same numbers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fam = families()[model_type]
+    config = AutoConfig.for_model(fam.name, **{**fam.tiny, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    if bf16_experts:
+        with torch.no_grad():
+            for n, m in model.named_modules():
+                if fam.is_experts(n, m):
+                    for p in (m.gate_up_proj, m.down_proj):
+                        p.copy_(p.to(torch.bfloat16).to(p.dtype))
+    return model
+
+
+__all__ = ["MoEFamily", "families", "get_family", "read_fused_experts", "tiny_model"]

@@ -8,4 +8,9 @@ FAMILY = MoEFamily(
     attention_targets=("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
     routing="softmax, greedy or group_limited_greedy top-k, times routed_scaling_factor, in "
             "DeepseekV2TopkRouter (fp32) before the experts call",
+    tiny=dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+              first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+              num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16,
+              qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.0,
+              topk_method="group_limited_greedy", n_group=2, topk_group=1),
 )
