@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import ktmoe
-from conftest import (SFT_METHODS, assert_close_rel, gen, make_expert_weights, make_ids, make_lora, make_routing_weights,
-                      make_wrapper, make_x, reference)
+from conftest import (SFT_METHODS, assert_close_rel, gen, make_expert_weights, make_ids, make_lora,
+                      make_routing_weights, make_wrapper, make_x, reference)
 from tolerances import REORDER_REL_L2, rel_l2_tol, rel_l2_vs_original_tol
 
 # id, sizes, and how ids are drawn. `always`: an expert in every token; `pool`: the only experts used;
@@ -121,8 +121,8 @@ def run_and_check(method, c, *, seed=0, x_dtype=torch.bfloat16, ids_dtype=torch.
         assert_close_rel(n, grads[n], gr[n], tol, grp)
     if bits < 16:  # quantized: loosely against the original weights as well
         yo, dxo, _, _ = _cached(("original",) + key, lambda: reference(x, ids, rw, weights, lora, wr.lora_scale, dy))
-        assert_close_rel("y_vs_original", y, yo, rel_l2_vs_original_tol(bits))
-        assert_close_rel("dx_vs_original", dx, dxo, rel_l2_vs_original_tol(bits))
+        assert_close_rel("y_vs_original", y, yo, rel_l2_vs_original_tol(bits), f"{method}/vs-original")
+        assert_close_rel("dx_vs_original", dx, dxo, rel_l2_vs_original_tol(bits), f"{method}/vs-original")
 
     # exact structure
     ids64 = ids.long()

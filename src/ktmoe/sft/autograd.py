@@ -5,8 +5,10 @@ reads the LoRA parameters in place (fp32, CPU, contiguous), so an optimizer step
 forward without any sync call; parameters kept elsewhere (GPU, bf16) are copied at each forward."""
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Optional
+import weakref
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -15,20 +17,45 @@ from ..reference import LORA_NAMES
 from .base import BaseSFTMoEWrapper
 
 
+# Activations of forwards waiting for their backward, keyed by the id stored in a small handle tensor.
+_SAVED: Dict[int, object] = {}
+_KEYS = itertools.count(1)
+
+
+def _drop(key: int) -> None:
+    _SAVED.pop(key, None)
+
+
+def live_saved_forwards() -> int:
+    """How many expert forwards currently hold activations for a backward (tests and diagnostics)."""
+    return len(_SAVED)
+
+
 class KTMoEFunction(torch.autograd.Function):
-    """y = experts(hidden_states); grads for hidden_states, weights and the six LoRA tensors."""
+    """y = experts(hidden_states); grads for hidden_states, weights and the six LoRA tensors.
+
+    The native activations hang on a one-element handle tensor that goes through save_for_backward, so
+    they live exactly as long as autograd keeps the handle: until backward without checkpointing; under
+    non-reentrant gradient checkpointing the handle is dropped after the forward (releasing the
+    activations) and backward receives the recomputed forward's handle."""
 
     @staticmethod
     def forward(ctx, wrapper: BaseSFTMoEWrapper, hidden_states, expert_ids, weights, *lora):
         y, saved = wrapper._run_forward(hidden_states, expert_ids, weights, True)
-        ctx.wrapper, ctx.saved = wrapper, saved
+        key = next(_KEYS)
+        handle = torch.tensor([key], dtype=torch.int64)
+        _SAVED[key] = saved
+        weakref.finalize(handle, _drop, key)
+        ctx.save_for_backward(handle)
+        ctx.wrapper = wrapper
         ctx.weights_dtype = weights.dtype
         ctx.lora_meta = [(p.dtype, p.device) for p in lora]
         return y
 
     @staticmethod
     def backward(ctx, grad_output):
-        saved, ctx.saved = ctx.saved, None  # the activations go as soon as they are used
+        (handle,) = ctx.saved_tensors
+        saved = _SAVED.pop(int(handle[0]), None)
         if saved is None:
             raise RuntimeError("ktmoe: backward through the same experts call twice (retain_graph is not "
                                "supported; recompute the forward instead)")
@@ -92,14 +119,24 @@ class KTMoEExperts(nn.Module):
         self._bound = key if in_place else ()
 
     def forward(self, hidden_states: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """hidden_states [..., H], expert_ids [..., k], weights [..., k] -> [..., H]."""
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        ids = expert_ids.reshape(x.shape[0], -1)
+        w = weights.reshape(x.shape[0], -1)
+        if ids.dtype not in (torch.int64, torch.int32):
+            ids = ids.long()
+        if w.dtype not in (torch.float32, torch.bfloat16):
+            w = w.float()
         self._bind()
         params = self.lora_parameters
         needs_grad = torch.is_grad_enabled() and (
-            hidden_states.requires_grad or weights.requires_grad or any(p.requires_grad for p in params))
+            x.requires_grad or w.requires_grad or any(p.requires_grad for p in params))
         if not needs_grad:
-            y, _ = self.wrapper._run_forward(hidden_states, expert_ids, weights, False)
-            return y
-        return KTMoEFunction.apply(self.wrapper, hidden_states, expert_ids, weights, *params)
+            y, _ = self.wrapper._run_forward(x, ids, w, False)
+        else:
+            y = KTMoEFunction.apply(self.wrapper, x, ids, w, *params)
+        return y.reshape(shape)
 
     def extra_repr(self) -> str:
         w = self.wrapper
