@@ -271,9 +271,6 @@ def test_meta_device_rejected(layer, data):
         layer.forward_sft(x.to("meta"), ids, rw)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: meta-device hidden_states fail deep in torch with "
-                   "NotImplementedError('Cannot copy out of meta tensor; no data!'), which names neither the "
-                   "argument nor the device expected; the contract asks for an error naming both")
 def test_meta_device_error_names_argument(layer, data):
     _, _, x, ids, rw, _ = data
     expect_error(lambda: layer.forward_sft(x.to("meta"), ids.to("meta"), rw.to("meta")), "hidden_states", "meta")

@@ -5,21 +5,25 @@ the routing-weight grad, or one of the six LoRA grads). The reference is ktmoe.m
 fed exactly the values the kernels see: bf16-rounded hidden states, bf16 (or dequantized) weights and
 bf16-rounded LoRA tensors."""
 
-# Kernel vs the fp32 reference run on the weights the kernel effectively uses (dequantized for
-# quantized formats). Measured at bf16 on every ISA level: ~2e-3 .. 4e-3 (bf16 storage of x, h, the
-# LoRA intermediates and the bf16 output each add ~2^-9 relative rounding; accumulation is fp32).
+# Kernel vs the fp32 reference run on the weights the kernel effectively uses (WeightFormat.dequantize:
+# quantized formats are decoded on the fly to bf16 values, activations stay bf16, so every format is
+# held to the bf16 bound). Measured on every ISA level and every shape of test_numerics: 2e-3 .. 8e-3
+# (bf16 storage of x, h, the LoRA intermediates and the bf16 output each add ~2^-9 relative rounding;
+# accumulation is fp32; the largest values come from T=1, where a tensor has few entries).
 REL_L2 = {
-    16: 1e-2,   # bf16 weights: the contract says "well under 1e-2"; the worst value seen is recorded
-    8: 3e-2,    # int8 methods (not yet registered): activations may be quantized to int8 too
-    4: 5e-2,    # int4 methods (not yet registered): as int8, and fewer levels for the activations
+    16: 1e-2,   # bf16 weights: the contract says "well under 1e-2"; the worst value seen is printed
+    8: 1e-2,    # int8: same bound, the reference runs on the dequantized weights
+    4: 1e-2,    # int4 (all four variants): same bound, against the dequantized weights
 }
 
 # Kernel vs the fp32 reference run on the ORIGINAL (unquantized) bf16 weights: includes the weight
-# quantization error itself, so it is loose for the quantized formats, and equal to REL_L2 for bf16.
+# quantization error itself, so it is loose for the quantized formats (a check against gross errors
+# such as a wrong scale or zero point, not a precision statement). Measured: int8 ~1.3e-2; int4
+# per-row 2.0e-1 .. 2.4e-1, int4 K-group 1.5e-1 .. 1.9e-1 (Gaussian weights, 16 levels per row/group).
 REL_L2_VS_ORIGINAL = {
     16: 1e-2,   # bf16: no quantization, dequantized == original
-    8: 8e-2,    # int8 per-row: ~1% weight error per projection, compounding over gate/up/down
-    4: 3e-1,    # int4: ~10% weight error per projection; only a sanity check against gross errors
+    8: 4e-2,    # int8 per-row/group symmetric
+    4: 3e-1,    # int4: ~10-15% weight error per projection, compounding over gate/up/down
 }
 
 # Same computation through two code paths that should give the same bits or nearly: contiguous vs
@@ -47,7 +51,8 @@ LOSS_CURVE_MEAN_REL = 3e-2     # mean over the 50 steps, and the mean of the las
 LOSS_DECREASE_FACTOR = 0.7
 
 # Resident memory (bytes) allowed to grow over 200 forward/backward steps after warm-up: allocator
-# noise only (a leak of even one activation buffer per step would be ~MBs for that layer).
+# noise only (the layer there saves ~1 MiB of activations per forward: a leak of one set per step would
+# be ~200 MiB; of a single [T, H] buffer per step ~12 MiB).
 RSS_SLACK_BYTES = 4 * 1024 * 1024
 
 

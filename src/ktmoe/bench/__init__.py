@@ -25,7 +25,8 @@ intermediate and r the LoRA rank; elementwise work (SiLU, products, routing-weig
     step = forward + backward                                                     = 12*H*I + 18*r*(H+I)
 
 GFLOP/s = step FLOPs / (fwd + bwd time). "% peak" divides by the bf16 peak this run measures with the
-engine (`measure_peak_gflops`, at the active ISA level, all engine threads). "% BW bound" (shown where the
+engine (`measure_peak_gflops`, at the active ISA level, all engine threads; measured at the start and
+again at the end of the run, the higher value used, as is for the read bandwidth). "% BW bound" (shown where the
 step is bandwidth-bound, i.e. small T) is t_bound / t_measured with t_bound = 2 * n_touched * 3*H*I*2
 bytes (each touched expert's bf16 weights read once in forward, once in backward; for quantized methods
 the expert's packed bytes, wrapper.weight_nbytes() / E, replace 3*H*I*2) / measured read GB/s.

@@ -39,7 +39,9 @@ def render(res: dict) -> str:
              f"ISA active **{m['isa_active']}** (detected {m['isa_detected']})")
     L.append(f"- engine: {m['threads']} threads, threadpool_count {m['threadpool_count']}; measured peak "
              f"**{m['peak_gflops']:.0f} GFLOP/s** (bf16 at {m['isa_active']}), read bandwidth "
-             f"**{m['read_gbps']:.1f} GB/s**")
+             f"**{m['read_gbps']:.1f} GB/s** (the higher of the measurements at start, "
+             f"{_f(m.get('peak_gflops_start'), '{:.0f}')} GFLOP/s / {_f(m.get('read_gbps_start'))} GB/s, "
+             f"and end, {_f(m.get('peak_gflops_end'), '{:.0f}')} GFLOP/s / {_f(m.get('read_gbps_end'))} GB/s)")
     peer_versions = sorted({f"{i.get('version')} ({i.get('cpu_variant')})" for p in res["presets"]
                             for i in p.get("kt_kernel", {}).values() if "version" in i})
     peer = (f"kt-kernel {', '.join(peer_versions) or '(did not start)'} via `{res['peer_python']}`"

@@ -110,6 +110,8 @@ class KTMoEExperts(nn.Module):
                 p.zero_()
 
     def _bind(self) -> None:
+        if self.wrapper.lora_rank == 0:  # frozen experts: nothing to bind
+            return
         params = self.lora_parameters
         in_place = all(p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous() for p in params)
         key = tuple(p.data_ptr() for p in params)

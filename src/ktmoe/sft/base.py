@@ -211,7 +211,8 @@ class BaseSFTMoEWrapper:
             if (hidden_states.shape == (T, self.H) and hidden_states.dtype in _FLOAT_INPUTS
                     and expert_ids.shape == (T, self.k) and expert_ids.dtype in (torch.int64, torch.int32)
                     and weights.shape == (T, self.k) and weights.dtype in (torch.float32, torch.bfloat16)
-                    and expert_ids.device == hidden_states.device == weights.device):
+                    and expert_ids.device == hidden_states.device == weights.device
+                    and hidden_states.device.type != "meta"):
                 return T
         except (AttributeError, IndexError, TypeError):
             pass
@@ -229,6 +230,9 @@ class BaseSFTMoEWrapper:
         for name, t in (("expert_ids", expert_ids), ("weights", weights)):
             if t.device != hidden_states.device:
                 raise ValueError(f"{name} is on {t.device} but hidden_states is on {hidden_states.device}")
+        if hidden_states.device.type == "meta":
+            raise ValueError("hidden_states is on device meta (no data); expected a tensor with data "
+                             "on the cpu or an accelerator")
         return T
 
     def _lora_ready(self) -> bool:
