@@ -262,6 +262,38 @@ def test_set_isa_unknown_level():
         ktmoe.set_isa(None)
 
 
+FOUR_BIT_METHODS = sorted(m for m in ktmoe.SFT_METHODS if ktmoe.REGISTRY[m].weight_format.bits == 4)
+KGROUP_METHODS = sorted(m for m in ktmoe.SFT_METHODS if getattr(ktmoe.REGISTRY[m].weight_format, "per_group", False))
+
+
+@pytest.mark.parametrize("method", FOUR_BIT_METHODS)
+@pytest.mark.parametrize("H_,I_,odd", [(37, 20, 37), (38, 19, 19)], ids=["odd_H", "odd_I"])
+def test_int4_needs_even_sizes(method, H_, I_, odd):
+    g = gen(1)
+    w = make_wrapper(4, 2, H_, I_, 2, method=method, group_size=2)
+    expect_error(lambda: w.load_weights_from_tensors(*make_expert_weights(4, H_, I_, g)), str(odd), "even")
+
+
+@pytest.mark.parametrize("method", KGROUP_METHODS)
+def test_kgroup_group_size_must_divide(method):
+    g = gen(1)
+    w = make_wrapper(4, 2, 64, 32, 2, method=method, group_size=128)
+    expect_error(lambda: w.load_weights_from_tensors(*make_expert_weights(4, 64, 32, g)), "group_size=128", "64")
+    w = make_wrapper(4, 2, 64, 32, 2, method=method, group_size=0)
+    expect_error(lambda: w.load_weights_from_tensors(*make_expert_weights(4, 64, 32, g)), "group_size=0")
+
+
+@pytest.mark.parametrize("method", KGROUP_METHODS)
+def test_kgroup_tp_slice_must_start_on_a_group(method):
+    """I=96, P=2: down's column slice starts at 48, not a multiple of group_size=32."""
+    g = gen(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        w = make_wrapper(4, 2, 64, 96, 2, method=method, group_size=32, threadpool_count=2)
+    expect_error(lambda: w.load_weights_from_tensors(*make_expert_weights(4, 64, 96, g)), "group_size=32",
+                 "threadpool_count")
+
+
 # ------------------------------------------------------------------------------------------ devices
 def test_meta_device_rejected(layer, data):
     _, _, x, ids, rw, _ = data
@@ -461,6 +493,17 @@ def test_inference_forward_equals_forward_sft(isa, data, with_lora):
     assert_close_rel("y_inference_vs_sft", y_inf, y_sft, SAME_PATH_REL_L2)
     yr, *_ = reference(x, ids, rw, weights, lora if with_lora else None, 2.0)
     assert_close_rel("y_inference", y_inf, yr, REL_L2[16])
+
+
+@pytest.mark.parametrize("method", sorted(ktmoe.SFT_METHODS))
+def test_every_inference_method_equals_its_sft_method(data, method):
+    weights, lora, x, ids, rw, _ = data
+    kw = dict(group_size=32) if getattr(ktmoe.REGISTRY[method].weight_format, "per_group", False) else {}
+    inf_name = method[: -len("_SFT")]
+    assert inf_name in ktmoe.INFERENCE_METHODS
+    sft = make_wrapper(E, K, H, I, R, method=method, weights=weights, lora=lora, **kw)
+    inf = make_wrapper(E, K, H, I, R, mode="inference", method=inf_name, weights=weights, lora=lora, **kw)
+    assert_close_rel("y_inference_vs_sft", inf.forward(x, ids, rw), sft.forward_sft(x, ids, rw), SAME_PATH_REL_L2)
 
 
 def test_inference_method_has_no_training(data):

@@ -51,8 +51,8 @@ LOSS_CURVE_MEAN_REL = 3e-2     # mean over the 50 steps, and the mean of the las
 LOSS_DECREASE_FACTOR = 0.7
 
 # Resident memory (bytes) allowed to grow over 200 forward/backward steps after warm-up: allocator
-# noise only (the layer there saves ~1 MiB of activations per forward: a leak of one set per step would
-# be ~200 MiB; of a single [T, H] buffer per step ~12 MiB).
+# noise only (the layer there saves ~0.5 MiB of activations per forward: a leak of one set per step would
+# be ~100 MiB; of a single bf16 [T, H] buffer per step ~6 MiB).
 RSS_SLACK_BYTES = 4 * 1024 * 1024
 
 

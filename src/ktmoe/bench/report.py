@@ -104,6 +104,7 @@ def render(res: dict) -> str:
             mem_rows.append([name, mm["side"], mm["method"], _f(mm["weights_bytes"] / MiB, "{:.0f}"),
                              _f(mm["held_bytes"] / MiB, "{:.0f}"), _f(mm["resident_after_load"] / MiB, "{:.0f}"),
                              _f(ratio, "{:.2f}"), f"{_f(mm['step_delta'] / MiB, '{:.0f}')} (T={mm['step_T']})"])
+        notes.extend(p.get("notes", []))
         for method, info in p.get("kt_kernel", {}).items():
             if "error" in info:
                 notes.append(f"{name} kt-kernel {method}: {info['error']}")
@@ -129,8 +130,10 @@ def render(res: dict) -> str:
     if mem_rows:
         L.append("## Memory (VmRSS)")
         L.append("")
-        L.append("held = weights + LoRA as the wrapper holds them; resident = RSS after load minus before the "
-                 "weights (the wrapper's share); step = RSS growth over the first forward+backward.")
+        L.append("held = weights + LoRA as the wrapper holds them; resident = VmRSS growth while the wrapper "
+                 "loads them (plus the bench's bf16 tensors when the wrapper reads those in place; kt-kernel: "
+                 "its process after load, the caller's copy freed, minus before the weights); step = VmRSS "
+                 "growth over the first forward+backward.")
         L.append("")
         L += _table(["preset", "side", "method", "weights MiB", "held MiB", "resident MiB", "resident / held",
                      "step MiB"], mem_rows)

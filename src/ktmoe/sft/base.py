@@ -101,6 +101,7 @@ class BaseSFTMoEWrapper:
         self._lora: Optional[Tuple[torch.Tensor, ...]] = None       # fp32 contiguous, read by C in place
         self._lora_ptrs: Tuple[int, ...] = ()
         self._lora_shape_list = list(self.lora_shapes().values())
+        self._grad_buffers: Optional[List[torch.Tensor]] = None
         self._saved: Optional[SavedForward] = None
         self._scratch_ctx = _core.Context()  # reused by calls that save nothing
 
@@ -290,7 +291,7 @@ class BaseSFTMoEWrapper:
         saved = SavedForward(chunks, T, hidden_states.dtype, dev) if save else None
         return y, saved
 
-    def _run_backward(self, saved: SavedForward, grad_output: torch.Tensor
+    def _run_backward(self, saved: SavedForward, grad_output: torch.Tensor, reuse_grads: bool = False
                       ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         if saved is None:
             raise RuntimeError("backward() needs a forward_sft(..., save_for_backward=True) first")
@@ -301,7 +302,14 @@ class BaseSFTMoEWrapper:
         dw = torch.empty((T, self.k), dtype=torch.float32)
         has_lora = self._lora is not None and self.lora_rank > 0
         shapes = self._lora_shape_list
-        grads = [torch.empty(sh, dtype=torch.float32) for sh in shapes] if has_lora else []
+        if not has_lora:
+            grads = []
+        elif reuse_grads:  # the same buffers every step: no allocator round trips for E * r * (3H + 3I) floats
+            if self._grad_buffers is None:
+                self._grad_buffers = [torch.empty(sh, dtype=torch.float32) for sh in shapes]
+            grads = self._grad_buffers
+        else:
+            grads = [torch.empty(sh, dtype=torch.float32) for sh in shapes]
         ptrs = [g.data_ptr() for g in grads] if has_lora else None
         extra = [torch.empty(sh, dtype=torch.float32) for sh in shapes] if has_lora and len(saved.chunks) > 1 else []
         row = self.H * dy.element_size()
@@ -329,10 +337,13 @@ class BaseSFTMoEWrapper:
         return y
 
     def backward(self, grad_output: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Returns (grad_input [T, H], grads): the six LoRA grads (fp32, LoRA shapes) and "weights" [T, k]."""
+        """Returns (grad_input [T, H], grads): the six LoRA grads (fp32, LoRA shapes) and "weights" [T, k].
+
+        The LoRA grad tensors are this wrapper's own buffers, overwritten by the next backward(): use
+        them (optimizer step, accumulate) or copy them before then. (The autograd path returns fresh ones.)"""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward_sft(..., save_for_backward=True) first")
-        return self._run_backward(self._saved, grad_output)
+        return self._run_backward(self._saved, grad_output, reuse_grads=True)
 
     def forward(self, hidden_states: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Inference: [T, H] -> [T, H], nothing saved."""
