@@ -165,7 +165,7 @@ def get_engine(threads: Optional[int] = None, parts: int = 1,
                 f"threadpool_count={next(iter(_engines))} is running); they share the cores",
                 RuntimeWarning, stacklevel=3)
         flat = [c for p in pools for c in p]
-        cpu_ids = [-1] + flat[1:]  # thread 0 is the caller: never pinned
+        cpu_ids = flat  # thread 0 is the caller: the engine pins it to flat[0] only while a call runs
         core = _core.Engine([len(p) for p in pools], cpu_ids)
         info = EngineInfo(core, len(flat), tuple(tuple(p) for p in pools), tuple(nodes))
         _engines[parts] = info

@@ -33,6 +33,9 @@ struct kt_engine {
     kt_tscratch *scratch; /* KT_SCRATCH_SLOTS per thread */
     kt_buffer shared[KT_SHARED_SLOTS];
     pthread_mutex_t call_lock; /* one layer call at a time */
+    int caller_cpu;            /* slot 0's CPU: the calling thread is pinned there only during a call */
+    cpu_set_t caller_saved;    /* the caller's own affinity, restored after the call */
+    int caller_pinned;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     atomic_int sleepers;
@@ -203,7 +206,10 @@ kt_engine *kt_engine_create(int nparts, const int *part_sizes, const int *cpu_id
             w->tid = tid;
             w->part = p;
             w->cpu = cpu_ids ? cpu_ids[tid] : -1;
-            if (tid == 0) continue; /* the caller */
+            if (tid == 0) { /* the caller */
+                eng->caller_cpu = w->cpu;
+                continue;
+            }
             if (pthread_create(&w->th, NULL, worker_main, w) != 0) {
                 snprintf(err, KT_ERRLEN, "could not start worker thread %d of %d", tid, total);
                 eng->nthreads = tid; /* destroy joins only those started */
@@ -257,8 +263,23 @@ double kt_engine_task_cpu(kt_engine *eng) {
 }
 int kt_engine_parts(const kt_engine *eng) { return eng->nparts; }
 int kt_engine_part_threads(const kt_engine *eng, int part) { return eng->part_size[part]; }
-void kt_engine_lock(kt_engine *eng) { pthread_mutex_lock(&eng->call_lock); }
-void kt_engine_unlock(kt_engine *eng) { pthread_mutex_unlock(&eng->call_lock); }
+/* A call holds the engine; the calling thread works as slot 0 on slot 0's CPU for the call's duration
+ * (left free, the OS may stack it on a worker's CPU), then gets its own affinity back. */
+void kt_engine_lock(kt_engine *eng) {
+    pthread_mutex_lock(&eng->call_lock);
+    eng->caller_pinned = 0;
+    if (eng->caller_cpu >= 0 && pthread_getaffinity_np(pthread_self(), sizeof eng->caller_saved, &eng->caller_saved) == 0) {
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(eng->caller_cpu, &one);
+        eng->caller_pinned = pthread_setaffinity_np(pthread_self(), sizeof one, &one) == 0;
+    }
+}
+
+void kt_engine_unlock(kt_engine *eng) {
+    if (eng->caller_pinned) pthread_setaffinity_np(pthread_self(), sizeof eng->caller_saved, &eng->caller_saved);
+    pthread_mutex_unlock(&eng->call_lock);
+}
 
 void *kt_scratch_slot(kt_engine *eng, int tid, int slot, size_t bytes) {
     kt_tscratch *s = &eng->scratch[tid * KT_SCRATCH_SLOTS + slot];
