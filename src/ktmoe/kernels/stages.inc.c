@@ -9,6 +9,9 @@
  *   g = Wg x + s Bg (Ag x),  u = Wu x + s Bu (Au x),  h = silu(g) u,  d = Wd h + s Bd (Ad h),  y += w d
  * Backward with dy: dhu = Wd^T dy + s Ad^T (Bd^T dy) (unweighted), dw = <dhu, h>, dh = w dhu, ... */
 #include <math.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -56,6 +59,54 @@ static inline size_t zmin(size_t a, size_t b) { return a < b ? a : b; }
  * bf16 weights are read where they lie; quantized ones are decoded into the caller's scratch (the same
  * packed bytes serve forward and the transposed backward access: nothing is stored twice). */
 
+/* d[i] = bf16(s * q[i]) for int8 codes. */
+static void dequant_run_int8(const int8_t *q, int n, float s, bf16_t *d) {
+    int i = 0;
+#if defined(__AVX512BF16__)
+    __m512 vs = _mm512_set1_ps(s);
+    for (; i + 32 <= n; i += 32) {
+        __m256i b = _mm256_loadu_si256((const __m256i *)(q + i));
+        __m512 lo = _mm512_mul_ps(vs, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b))));
+        __m512 hi = _mm512_mul_ps(vs, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1))));
+        _mm512_storeu_si512((void *)(d + i), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+#endif
+#pragma omp simd
+    for (int j = i; j < n; j++) d[j] = kt_round_bf16(s * (float)q[j]);
+}
+
+/* d[i] = bf16(s * nibble(at + i) + off) for int4 codes two per byte, low nibble first. */
+static void dequant_run_int4(const uint8_t *q, size_t at, int n, float s, float off, bf16_t *d) {
+    int i = 0;
+    if (n > 0 && (at & 1)) { /* odd start: the high nibble of the first byte */
+        d[0] = kt_round_bf16(s * (float)(q[at >> 1] >> 4) + off);
+        i = 1;
+    }
+    const uint8_t *b = q + ((at + (size_t)i) >> 1);
+    int pairs = (n - i) / 2;
+    int p = 0;
+#if defined(__AVX512BF16__)
+    __m512 vs = _mm512_set1_ps(s), voff = _mm512_set1_ps(off);
+    __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    for (; p + 16 <= pairs; p += 16) {
+        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + p)));
+        __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+        __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+        __m512 e0 = _mm512_fmadd_ps(vs, _mm512_permutex2var_ps(lo, lo_idx, hi), voff); /* elements 0..15 */
+        __m512 e1 = _mm512_fmadd_ps(vs, _mm512_permutex2var_ps(lo, hi_idx, hi), voff); /* 16..31 */
+        _mm512_storeu_si512((void *)(d + i + 2 * p), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    }
+#endif
+#pragma omp simd
+    for (int j = p; j < pairs; j++) {
+        d[i + 2 * j] = kt_round_bf16(s * (float)(b[j] & 15) + off);
+        d[i + 2 * j + 1] = kt_round_bf16(s * (float)(b[j] >> 4) + off);
+    }
+    i += 2 * pairs;
+    if (i < n) d[i] = kt_round_bf16(s * (float)(b[pairs] & 15) + off); /* odd end: a low nibble */
+}
+
 static void dequant_block(const kt_wmat *w, int e, int r0, int nr, int c0, int nc, bf16_t *dst) {
     int ngroups = w->cols / w->group;
     for (int r = 0; r < nr; r++) {
@@ -67,22 +118,12 @@ static void dequant_block(const kt_wmat *w, int e, int r0, int nr, int c0, int n
             int col = w->col0 + c0 + c, g = col / w->group;
             int run = (g + 1) * w->group - col;
             if (run > nc - c) run = nc - c;
-            float s = sc[g], z = zr ? zr[g] : 0.f;
+            float s = sc[g];
             size_t at = row * w->cols + (size_t)col;
-            if (w->fmt == KT_W_INT8) {
-                const int8_t *q = (const int8_t *)w->data + at;
-#pragma omp simd
-                for (int i = 0; i < run; i++) d[c + i] = kt_round_bf16(s * (float)q[i]);
-            } else {
-                const uint8_t *q = (const uint8_t *)w->data;
-                float off = w->fmt == KT_W_INT4 ? -8.0f * s : z;
-#pragma omp simd
-                for (int i = 0; i < run; i++) {
-                    size_t k = at + (size_t)i;
-                    int nib = (q[k >> 1] >> ((k & 1) * 4)) & 15;
-                    d[c + i] = kt_round_bf16(s * (float)nib + off);
-                }
-            }
+            if (w->fmt == KT_W_INT8)
+                dequant_run_int8((const int8_t *)w->data + at, run, s, d + c);
+            else
+                dequant_run_int4((const uint8_t *)w->data, at, run, s, w->fmt == KT_W_INT4 ? -8.0f * s : zr[g], d + c);
             c += run;
         }
     }
