@@ -22,6 +22,7 @@
 #define NB 64  /* output columns per task block */
 #define MC 128 /* rows per GEMM chunk inside a task */
 #define KT_COMMA ,
+#define NBB 128 /* intermediate columns per backward down task: longer runs for quantized decoding */
 #define NBH 256 /* columns of H per task in the stages that write per-pair rows of H */
 
 /* ---- element-wise helpers that vectorize (no libm calls) ---- */
@@ -239,7 +240,8 @@ typedef struct {
     kt_engine *eng;
     int *active;       /* experts with at least one pair, largest first */
     int nactive;
-    int nblk_i[KT_MAX_PARTS]; /* column blocks of each part's intermediate slice */
+    int nblk_i[KT_MAX_PARTS]; /* column blocks (NB) of each part's intermediate slice */
+    int nblk_b[KT_MAX_PARTS]; /* the same in NBB blocks (backward down stage) */
     int nblk_h;        /* column blocks of H */
     float s;
     /* forward */
@@ -256,7 +258,7 @@ typedef struct {
     bf16_t *dg[KT_MAX_PARTS], *du[KT_MAX_PARTS]; /* [npairs, Ip] */
     float *bd;                /* [npairs, r] Bd^T dy */
     float *bg[KT_MAX_PARTS], *bu[KT_MAX_PARTS];  /* [npairs, r] this part's dg Bg, du Bu */
-    float *dwp[KT_MAX_PARTS]; /* [nblk_i, npairs] partial <dhu, h> */
+    float *dwp[KT_MAX_PARTS]; /* [nblk_b, npairs] partial <dhu, h> */
     float *const *grads;
     atomic_int failed;        /* first problem found by a task: 1 = non-finite input, 2 = out of memory */
     atomic_int bad_row;
@@ -554,7 +556,10 @@ static int setup(stage_args *a, kt_ctx *ctx, const kt_layer *L, kt_engine *eng, 
         }
         a->active[j] = e;
     }
-    for (int p = 0; p < ctx->nparts; p++) a->nblk_i[p] = (ctx->part_i0[p + 1] - ctx->part_i0[p] + NB - 1) / NB;
+    for (int p = 0; p < ctx->nparts; p++) {
+        a->nblk_i[p] = (ctx->part_i0[p + 1] - ctx->part_i0[p] + NB - 1) / NB;
+        a->nblk_b[p] = (ctx->part_i0[p + 1] - ctx->part_i0[p] + NBB - 1) / NBB;
+    }
     a->nblk_h = (ctx->H + NBH - 1) / NBH;
     return KT_OK;
 }
@@ -641,23 +646,23 @@ static void bwd_down_act_task(void *arg, int part, int task, int tid) {
     stage_args *a = arg;
     const kt_ctx *ctx = a->ctx;
     const kt_layer *L = a->L;
-    int nblk = a->nblk_i[part], blk = task % nblk;
+    int nblk = a->nblk_b[part], blk = task % nblk;
     int e = a->active[task / nblk];
     int i0 = ctx->part_i0[part], Ip = ctx->part_i0[part + 1] - i0;
-    int n0 = blk * NB, nb = Ip - n0 < NB ? Ip - n0 : NB;
+    int n0 = blk * NBB, nb = Ip - n0 < NBB ? Ip - n0 : NBB;
     int H = L->H, r = L->r, I = L->I;
     float s = a->s;
     size_t deq = w_scratch_elems(&L->down[part], (size_t)H, (size_t)nb), ldd;
-    size_t lora = (size_t)r * (4 * MC + 2 * NB);
-    float *c = kt_scratch(a->eng, tid, sizeof(float) * (4 * MC * NB + lora) + sizeof(bf16_t) * deq);
+    size_t lora = (size_t)r * (4 * MC + 2 * NBB);
+    float *c = kt_scratch(a->eng, tid, sizeof(float) * (4 * MC * NBB + lora) + sizeof(bf16_t) * deq);
     if (!c) {
         fail(a, 2, 0);
         return;
     }
-    float *hf = c + MC * NB, *dgf = hf + MC * NB, *duf = dgf + MC * NB;
-    float *cd = duf + MC * NB, *cg = cd + (size_t)MC * r, *cu = cg + (size_t)MC * r;
-    float *bgT = cu + (size_t)MC * r, *buT = bgT + (size_t)r * NB; /* dB_g^T, dB_u^T of this block */
-    float *cT = buT + (size_t)r * NB;                                /* [r, m] coefficients */
+    float *hf = c + MC * NBB, *dgf = hf + MC * NBB, *duf = dgf + MC * NBB;
+    float *cd = duf + MC * NBB, *cg = cd + (size_t)MC * r, *cu = cg + (size_t)MC * r;
+    float *bgT = cu + (size_t)MC * r, *buT = bgT + (size_t)r * NBB; /* dB_g^T, dB_u^T of this block */
+    float *cT = buT + (size_t)r * NBB;                                /* [r, m] coefficients */
     const bf16_t *wd = w_block(&L->down[part], e, 0, H, n0, nb, (bf16_t *)(cT + (size_t)r * MC), &ldd);
     float *gAd = NULL, *gBg = NULL, *gBu = NULL;
     if (r > 0) {
@@ -665,25 +670,25 @@ static void bwd_down_act_task(void *arg, int part, int task, int tid) {
         gBg = a->grads[1] + ((size_t)e * I + (size_t)(i0 + n0)) * r; /* [I, r] at row i0 + n0 */
         gBu = a->grads[3] + ((size_t)e * I + (size_t)(i0 + n0)) * r;
         for (int j = 0; j < r; j++) memset(gAd + (size_t)j * I, 0, sizeof(float) * (size_t)nb);
-        memset(bgT, 0, sizeof(float) * 2 * (size_t)r * NB);
+        memset(bgT, 0, sizeof(float) * 2 * (size_t)r * NBB);
     }
     const bf16_t *rows[MC];
     for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
         int m = (int)zmin(MC, (size_t)(ctx->expert_off[e + 1] - p0));
         rows_by_token(rows, ctx, a->dyb, (size_t)H, p0, m);
-        gemm_nn(m, nb, H, rows, wd, ldd, c, NB);
+        gemm_nn(m, nb, H, rows, wd, ldd, c, NBB);
         if (r > 0) { /* dhu += s (Bd^T dy) Ad[:, block] */
             for (int i = 0; i < m; i++)
                 for (int j = 0; j < r; j++) cT[(size_t)j * m + i] = s * a->bd[(size_t)(p0 + i) * r + j];
-            outer_accum_f32(r, m, nb, cT, (size_t)m, L->down_a + (size_t)e * r * I + i0 + n0, (size_t)I, c, NB);
+            outer_accum_f32(r, m, nb, cT, (size_t)m, L->down_a + (size_t)e * r * I + i0 + n0, (size_t)I, c, NBB);
         }
         for (int i = 0; i < m; i++) {
             int p = p0 + i;
-            float *ci = c + (size_t)i * NB;
+            float *ci = c + (size_t)i * NBB;
             size_t at = (size_t)p * Ip + n0;
             const bf16_t *gp = ctx->g[part] + at, *up = ctx->u[part] + at;
             float w = ctx->pair_w[p], dwacc = 0.f;
-            float *hi = hf + (size_t)i * NB, *dgi = dgf + (size_t)i * NB, *dui = duf + (size_t)i * NB;
+            float *hi = hf + (size_t)i * NBB, *dgi = dgf + (size_t)i * NBB, *dui = duf + (size_t)i * NBB;
             bf16_t *dgo = a->dg[part] + at, *duo = a->du[part] + at;
 #pragma omp simd reduction(+ : dwacc)
             for (int n = 0; n < nb; n++) {
@@ -712,13 +717,13 @@ static void bwd_down_act_task(void *arg, int part, int task, int tid) {
                 cu[(size_t)i * r + j] = s * ctx->au[(size_t)p * r + j];
             }
         }
-        outer_accum_f32(m, r, nb, cd, (size_t)r, hf, NB, gAd, (size_t)I);
-        outer_accum_f32(m, r, nb, cg, (size_t)r, dgf, NB, bgT, NB);
-        outer_accum_f32(m, r, nb, cu, (size_t)r, duf, NB, buT, NB);
+        outer_accum_f32(m, r, nb, cd, (size_t)r, hf, NBB, gAd, (size_t)I);
+        outer_accum_f32(m, r, nb, cg, (size_t)r, dgf, NBB, bgT, NBB);
+        outer_accum_f32(m, r, nb, cu, (size_t)r, duf, NBB, buT, NBB);
     }
     if (r > 0) {
-        transpose_f32(bgT, NB, r, nb, gBg, (size_t)r);
-        transpose_f32(buT, NB, r, nb, gBu, (size_t)r);
+        transpose_f32(bgT, NBB, r, nb, gBg, (size_t)r);
+        transpose_f32(buT, NBB, r, nb, gBu, (size_t)r);
     }
 }
 
@@ -861,7 +866,7 @@ static int backward_impl(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const v
     a.grads = grads;
     a.dyb = kt_shared_buffer(eng, KT_SH_DY, sizeof(bf16_t) * (size_t)T * H + 64);
     int maxblk = 0;
-    for (int p = 0; p < P; p++) maxblk = a.nblk_i[p] > maxblk ? a.nblk_i[p] : maxblk;
+    for (int p = 0; p < P; p++) maxblk = a.nblk_b[p] > maxblk ? a.nblk_b[p] : maxblk;
     float *dwp = kt_shared_buffer(eng, KT_SH_DWPART, sizeof(float) * (size_t)P * maxblk * np + 64);
     float *lora = r > 0 ? kt_shared_buffer(eng, KT_SH_BD, sizeof(float) * np * r * (1 + 2 * (size_t)P) + 64) : NULL;
     if ((rc = pair_buffer(&a, err))) return rc;
@@ -883,7 +888,7 @@ static int backward_impl(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const v
 
     int nt[KT_MAX_PARTS];
     if (r > 0) run_all_timed(&a, "bwd_lora_dy", a.nactive, bwd_lora_dy_task, &a);
-    for (int p = 0; p < P; p++) nt[p] = a.nactive * a.nblk_i[p];
+    for (int p = 0; p < P; p++) nt[p] = a.nactive * a.nblk_b[p];
     run_parts_timed(&a, "bwd_down_act", nt, bwd_down_act_task, &a);
     if (r > 0) {
         for (int p = 0; p < P; p++) nt[p] = a.nactive;
@@ -900,7 +905,7 @@ static int backward_impl(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const v
     for (size_t p = 0; p < np; p++) {
         float acc = 0.f;
         for (int q = 0; q < P; q++)
-            for (int b = 0; b < a.nblk_i[q]; b++) acc += a.dwp[q][(size_t)b * np + p];
+            for (int b = 0; b < a.nblk_b[q]; b++) acc += a.dwp[q][(size_t)b * np + p];
         dw[ctx->pair_slot[p]] += acc;
     }
     return KT_OK;
