@@ -440,6 +440,21 @@ static void fwd_lora_mid_task(void *arg, int part, int task, int tid) {
     }
 }
 
+/* The work of one task of the stages that write per-pair rows of H: an active expert, a column block of H,
+ * and the part's intermediate slice and per-pair buffer. */
+typedef struct { int e, n0, nb, Ip; float *pairs; } hblock;
+
+static hblock hblock_of(const stage_args *a, int part, int task) {
+    const kt_ctx *ctx = a->ctx;
+    hblock b;
+    b.e = a->active[task / a->nblk_h];
+    b.n0 = (task % a->nblk_h) * NBH;
+    b.nb = ctx->H - b.n0 < NBH ? ctx->H - b.n0 : NBH;
+    b.Ip = ctx->part_i0[part + 1] - ctx->part_i0[part];
+    b.pairs = a->pairbuf + (size_t)part * ctx->npairs * ctx->H;
+    return b;
+}
+
 /* Down GEMM with LoRA, scaled by the routing weight, into the part's per-pair buffer [npairs, H].
  * Task = (active expert, column block of H); the combine stage then sums each token's pairs. */
 static void fwd_down_task(void *arg, int part, int task, int tid) {
@@ -447,10 +462,9 @@ static void fwd_down_task(void *arg, int part, int task, int tid) {
     const kt_ctx *ctx = a->ctx;
     const kt_layer *L = a->L;
     int H = L->H, r = L->r;
-    int i0 = ctx->part_i0[part], Ip = ctx->part_i0[part + 1] - i0;
-    int e = a->active[task / a->nblk_h];
-    int n0 = (task % a->nblk_h) * NBH, nb = H - n0 < NBH ? H - n0 : NBH;
-    float *dp = a->pairbuf + (size_t)part * ctx->npairs * H;
+    hblock b = hblock_of(a, part, task);
+    int e = b.e, n0 = b.n0, nb = b.nb, Ip = b.Ip;
+    float *dp = b.pairs;
     size_t deq = w_scratch_elems(&L->down[part], (size_t)nb, (size_t)Ip), ldd;
     bf16_t *dq = deq ? kt_scratch(a->eng, tid, sizeof(bf16_t) * deq) : NULL;
     if (deq && !dq) {
@@ -814,10 +828,9 @@ static void bwd_dx_task(void *arg, int part, int task, int tid) {
     const kt_ctx *ctx = a->ctx;
     const kt_layer *L = a->L;
     int H = L->H, r = L->r;
-    int i0 = ctx->part_i0[part], Ip = ctx->part_i0[part + 1] - i0;
-    int e = a->active[task / a->nblk_h];
-    int n0 = (task % a->nblk_h) * NBH, nb = H - n0 < NBH ? H - n0 : NBH;
-    float *dp = a->pairbuf + (size_t)part * ctx->npairs * H;
+    hblock b = hblock_of(a, part, task);
+    int e = b.e, n0 = b.n0, nb = b.nb, Ip = b.Ip;
+    float *dp = b.pairs;
     size_t deq = w_scratch_elems(&L->gate[part], (size_t)Ip, (size_t)nb), ldg, ldu;
     float *c2 = kt_scratch(a->eng, tid, sizeof(float) * (MC * NBH + 2 * (size_t)r * MC) + sizeof(bf16_t) * 2 * deq);
     if (!c2) {
