@@ -16,6 +16,8 @@ from ..formats import WeightFormat, expert_shapes
 from ..reference import LORA_NAMES
 
 _FLOAT_INPUTS = (torch.bfloat16, torch.float32, torch.float16)
+_ID_DTYPES = (torch.int64, torch.int32)
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -210,10 +212,11 @@ class BaseSFTMoEWrapper:
         try:
             T = hidden_states.shape[0]
             if (hidden_states.shape == (T, self.H) and hidden_states.dtype in _FLOAT_INPUTS
-                    and expert_ids.shape == (T, self.k) and expert_ids.dtype in (torch.int64, torch.int32)
-                    and weights.shape == (T, self.k) and weights.dtype in (torch.float32, torch.bfloat16)
-                    and expert_ids.device == hidden_states.device == weights.device
-                    and hidden_states.device.type != "meta"):
+                    and expert_ids.shape == (T, self.k) and expert_ids.dtype in _ID_DTYPES
+                    and weights.shape == (T, self.k) and weights.dtype in _WEIGHT_DTYPES
+                    and (hidden_states.is_cpu and expert_ids.is_cpu and weights.is_cpu  # no device objects
+                         or expert_ids.device == hidden_states.device == weights.device
+                         and hidden_states.device.type != "meta")):
                 return T
         except (AttributeError, IndexError, TypeError):
             pass
