@@ -69,6 +69,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"{group:<32s} {what:<14s} {v:.3e}")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """PyTorch on one thread for a module of tiny models: as fast, and immune to OpenMP spinning on a
+    busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------------------------------ helpers
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -168,6 +178,11 @@ def reference(x, ids, rw, weights, lora, scaling, dy=None):
     dx = x.grad if x.grad is not None else torch.zeros_like(x)
     dw = rw.grad if rw.grad is not None else torch.zeros_like(rw)
     return y.detach(), dx, dw, grads
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in the tensors' dtype, with a tiny floor on the denominator."""
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -12,23 +12,14 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 import ktmoe.hf as kh  # noqa: E402
-from conftest import THREADS  # noqa: E402  (one engine size for the whole suite)
+from conftest import THREADS, rel  # noqa: E402  (one engine size for the whole suite)
 from ktmoe.reference import LORA_NAMES  # noqa: E402
 
 LOGITS_RTOL = 1e-2  # converted (bf16 activations in the experts) vs plain fp32 PEFT: see test_hf_families.py
 E, H, I = 4, 32, 16  # the tiny models' expert shapes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_lora(E=E, H=H, I=I, r=3, seed=0):

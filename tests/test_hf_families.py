@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 import ktmoe.hf as kh  # noqa: E402
-from conftest import THREADS  # noqa: E402  (one engine size for the whole suite)
+from conftest import THREADS, rel  # noqa: E402  (one engine size for the whole suite)
 from ktmoe.reference import LORA_NAMES  # noqa: E402
 
 FAMILIES = sorted(kh.families())  # every registered family is tested
@@ -28,17 +28,7 @@ CURVE_ATOL = 2e-2    # |loss difference| at each of 20 AdamW steps (differences 
 R, ALPHA, ATTN_R, ATTN_ALPHA = 4, 8.0, 4, 8.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # tiny matrices: one thread is as fast, and immune to OpenMP spinning on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_pair(family, seed=0, randomize=True):
