@@ -102,3 +102,25 @@ def test_inference_methods_apply_lora(method, P, data):
     y = inf.forward(x, ids, rw)
     assert torch.equal(y, sft.forward_sft(x, ids, rw, save_for_backward=False))
     assert rel_l2(plain.forward(x, ids, rw), y) > 1e-3  # the LoRA really changed the output
+
+
+@pytest.mark.parametrize("method", sorted(ktmoe.SFT_METHODS))
+@pytest.mark.parametrize("P", [2, 3])
+def test_node_local_copies(method, P, data):
+    """numa_local=True (forced here; automatic when subpools span NUMA nodes): each part gets its own copy of
+    its slice, written by its own threads; the answers and the weights the kernels use are unchanged."""
+    weights, lora, x, ids, rw, dy = data
+    kw = dict(group_size=4) if "KGroup" in method else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        one = make_wrapper(E, K, H, I, R, method=method, weights=weights, lora=lora, cpuinfer_threads=2, **kw)
+        loc = make_wrapper(E, K, H, I, R, method=method, weights=weights, lora=lora, threadpool_count=P,
+                           cpuinfer_threads=P, numa_local=True, **kw)
+    assert loc._part_weights is not None and loc._weights is None
+    for a, b in zip(loc.dequantized_weights(), one.dequantized_weights()):
+        assert torch.equal(a, b)
+    y1, y = one.forward_sft(x, ids, rw), loc.forward_sft(x, ids, rw)
+    (dx1, g1), (dx, g) = one.backward(dy), loc.backward(dy)
+    assert rel_l2(y, y1) < TP_FP32_REL and rel_l2(dx, dx1) < TP_FP32_REL
+    for n in g1:
+        assert rel_l2(g[n], g1[n]) < TP_FP32_REL, n

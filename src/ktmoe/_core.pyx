@@ -4,6 +4,7 @@
 Tensors cross this boundary as raw addresses (ints from torch's data_ptr()); the Python layer checks
 shapes, dtypes and devices before anything reaches here, and keeps the tensors alive."""
 
+from libc.stddef cimport ptrdiff_t
 from libc.stdint cimport uintptr_t, int64_t
 from libc.stdlib cimport malloc, free
 
@@ -23,6 +24,8 @@ cdef extern from "ktmoe.h" nogil:
     void kt_engine_destroy(kt_engine *eng)
     int kt_engine_threads(const kt_engine *eng)
     int kt_engine_parts(const kt_engine *eng)
+    int kt_engine_part_copy(kt_engine *eng, int part, void *dst, const void *src, size_t n_outer,
+                            ptrdiff_t src_outer, size_t n_inner, ptrdiff_t src_inner, size_t row_bytes)
 
     ctypedef struct kt_wmat:
         int fmt
@@ -161,6 +164,16 @@ cdef class Engine:
     @property
     def parts(self):
         return kt_engine_parts(self.eng)
+
+    def part_copy(self, int part, uintptr_t dst, uintptr_t src, size_t n_outer, Py_ssize_t src_outer,
+                  size_t n_inner, Py_ssize_t src_inner, size_t row_bytes):
+        """Gathers rows into contiguous dst on subpool `part`'s threads (NUMA first touch)."""
+        cdef int rc
+        with nogil:
+            rc = kt_engine_part_copy(self.eng, part, <void *>dst, <const void *>src, n_outer, src_outer, n_inner,
+                                     src_inner, row_bytes)
+        if rc != KT_OK:
+            raise ValueError(f"part {part} outside [0, {self.parts})")
 
     def measure_peak_gflops(self, double seconds=0.5):
         cdef double r

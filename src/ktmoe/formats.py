@@ -7,7 +7,7 @@ so nothing is stored twice. Codes and layouts match enum kt_wfmt in kernels/ktmo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -88,6 +88,27 @@ class WeightFormat:
 
     def nbytes(self, packed: Packed) -> int:
         return packed.nbytes()
+
+    def part_slice(self, packed: Packed, which: str, i0: int, i1: int, gather: Callable) -> Packed:
+        """This TP part's slice as its own tensors ([E, i1 - i0, H] for gate/up, [E, H, i1 - i0] for down),
+        each filled by `gather(view) -> contiguous tensor` (the engine's first-touch copy)."""
+        E, R, C = packed.shape
+        per = 2 if packed.data.shape[2] * 2 == C and packed.data.dtype == torch.uint8 else 1  # int4: 2 a byte
+        if which in ("gate", "up"):
+            data = gather(packed.data[:, i0:i1, :])
+            scale, zero = (None if t is None else gather(t[:, i0:i1, :]) for t in (packed.scale, packed.zero))
+            return Packed(data, scale, zero, (E, i1 - i0, C), packed.group)
+        if (i0 % per) or (i1 % per):
+            raise ValueError(f"{self.name}: a TP slice of down's columns must start and end on a byte")
+        data = gather(packed.data[:, :, i0 // per:i1 // per])
+        if packed.scale is None:
+            return Packed(data, None, None, (E, R, i1 - i0), i1 - i0)
+        if packed.group == C:  # one scale per row: the slice keeps it
+            g0, g1, group = 0, 1, i1 - i0
+        else:
+            g0, g1, group = i0 // packed.group, i1 // packed.group, packed.group
+        scale, zero = (None if t is None else gather(t[:, :, g0:g1]) for t in (packed.scale, packed.zero))
+        return Packed(data, scale, zero, (E, R, i1 - i0), group)
 
     def dequantize(self, packed: Packed) -> torch.Tensor:
         """The weights exactly as the kernels use them (bf16 values), as fp32 [E, rows, cols]."""

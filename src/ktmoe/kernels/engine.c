@@ -9,6 +9,7 @@
  * up a stage (the others take its share), and a late one cannot claim a task of a job that is over. */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <stddef.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -134,8 +135,9 @@ static void *worker_main(void *p) {
 }
 
 /* Posts the job whose fields are set, works on it from the calling thread, waits for its last task.
- * The calling thread helps every list, so no part's tasks wait on a missing worker. */
-static void dispatch(kt_engine *eng, const int *counts, int nlists) {
+ * The calling thread helps every list, so no part's tasks wait on a missing worker (unless `own_part_only`:
+ * placement copies must be written by the part's own threads, on its NUMA node). */
+static void dispatch_job(kt_engine *eng, const int *counts, int nlists, int own_part_only) {
     unsigned job = atomic_load(&eng->gen) + 1;
     eng->total = 0;
     atomic_store_explicit(&eng->finished, 0, memory_order_relaxed);
@@ -150,9 +152,12 @@ static void dispatch(kt_engine *eng, const int *counts, int nlists) {
         pthread_mutex_unlock(&eng->mu);
     }
     work(eng, 0, 0, job);
-    for (int l = 1; l < nlists; l++) work(eng, 0, l, job);
+    if (!own_part_only)
+        for (int l = 1; l < nlists; l++) work(eng, 0, l, job);
     while (atomic_load_explicit(&eng->finished, memory_order_acquire) < eng->total) cpu_relax();
 }
+
+static void dispatch(kt_engine *eng, const int *counts, int nlists) { dispatch_job(eng, counts, nlists, 0); }
 
 static int check_count(int n) { return n < 0 ? 0 : (n > (int)TASK_MASK ? (int)TASK_MASK : n); }
 
@@ -163,6 +168,45 @@ void kt_run_parts(kt_engine *eng, const int *ntasks, kt_task_fn fn, void *arg) {
     eng->arg = arg;
     eng->shared_list = 0;
     dispatch(eng, counts, eng->nparts);
+}
+
+/* ---- placement copies: pages written first by a part's own threads land on its NUMA node ---- */
+typedef struct {
+    char *dst;
+    const char *src;
+    size_t n_inner, row_bytes;
+    ptrdiff_t src_outer, src_inner;
+    size_t rows_per_task, rows;
+} copy_args;
+
+static void copy_task(void *arg, int part, int task, int tid) {
+    (void)part;
+    (void)tid;
+    copy_args *c = arg;
+    size_t r0 = (size_t)task * c->rows_per_task, r1 = r0 + c->rows_per_task < c->rows ? r0 + c->rows_per_task : c->rows;
+    for (size_t r = r0; r < r1; r++) {
+        size_t o = r / c->n_inner, i = r % c->n_inner;
+        memcpy(c->dst + r * c->row_bytes, c->src + (ptrdiff_t)o * c->src_outer + (ptrdiff_t)i * c->src_inner,
+               c->row_bytes);
+    }
+}
+
+int kt_engine_part_copy(kt_engine *eng, int part, void *dst, const void *src, size_t n_outer, ptrdiff_t src_outer,
+                        size_t n_inner, ptrdiff_t src_inner, size_t row_bytes) {
+    if (part < 0 || part >= eng->nparts) return KT_EINVAL;
+    copy_args c = {dst, src, n_inner, row_bytes, src_outer, src_inner, 0, n_outer * n_inner};
+    size_t per = (c.rows + 255) / 256;
+    c.rows_per_task = per ? per : 1;
+    int counts[KT_MAX_PARTS] = {0};
+    counts[part] = (int)((c.rows + c.rows_per_task - 1) / c.rows_per_task);
+    pthread_mutex_lock(&eng->call_lock);
+    eng->fn = copy_task;
+    eng->arg = &c;
+    eng->shared_list = 0;
+    /* part 0 is the caller's own part; others are written only by their pinned workers */
+    dispatch_job(eng, counts, eng->nparts, part != 0);
+    pthread_mutex_unlock(&eng->call_lock);
+    return KT_OK;
 }
 
 void kt_run_all(kt_engine *eng, int ntasks, kt_task_fn fn, void *arg) {

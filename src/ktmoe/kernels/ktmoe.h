@@ -47,6 +47,10 @@ typedef struct kt_engine kt_engine;
 kt_engine *kt_engine_create(int nparts, const int *part_sizes, const int *cpu_ids, char *err);
 void kt_engine_destroy(kt_engine *eng);
 int kt_engine_threads(const kt_engine *eng);
+/* Copies n_outer x n_inner rows of row_bytes (source rows at o * src_outer + i * src_inner bytes) into
+ * contiguous dst, on subpool `part`'s own threads: first touch puts the pages on that subpool's node. */
+int kt_engine_part_copy(kt_engine *eng, int part, void *dst, const void *src, size_t n_outer, ptrdiff_t src_outer,
+                        size_t n_inner, ptrdiff_t src_inner, size_t row_bytes);
 int kt_engine_parts(const kt_engine *eng);
 
 /* ---- Frozen weights of one projection for all experts: [E, rows, cols], out x in. ----

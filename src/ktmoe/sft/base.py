@@ -62,7 +62,8 @@ class BaseSFTMoEWrapper:
                  moe_intermediate_size: int, num_gpu_experts: int = 0, cpuinfer_threads: Optional[int] = None,
                  threadpool_count: int = 1, weight_path: Optional[str] = None, chunked_prefill_size: int = 4096,
                  lora_rank: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0, group_size: int = 128,
-                 subpool_cpus: Optional[Sequence[Sequence[int]]] = None, method: Optional[str] = None):
+                 subpool_cpus: Optional[Sequence[Sequence[int]]] = None, numa_local: Optional[bool] = None,
+                 method: Optional[str] = None):
         ints = dict(num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, hidden_size=hidden_size,
                     moe_intermediate_size=moe_intermediate_size, chunked_prefill_size=chunked_prefill_size,
                     threadpool_count=threadpool_count)
@@ -92,6 +93,7 @@ class BaseSFTMoEWrapper:
         self.lora_rank, self.lora_alpha = lora_rank, float(lora_alpha)
         self.lora_scale = self.lora_alpha / lora_rank if lora_rank > 0 else 0.0
         self.group_size = group_size
+        self._numa_local = numa_local  # None: copy each TP part's weights to its node when subpools span nodes
         if method is not None:
             self.method = method
         self._engine = get_engine(cpuinfer_threads, threadpool_count, subpool_cpus)
@@ -99,6 +101,7 @@ class BaseSFTMoEWrapper:
         self.part_i0 = [p * slice_ for p in range(self.P + 1)]
         self._layer = _core.Layer(self.E, self.k, self.H, self.I, 0, 0.0, self.part_i0)
         self._weights: Optional[Tuple[object, object, object]] = None
+        self._part_weights: Optional[list] = None  # per-part node-local copies (multi-node TP)
         self._lora_user: Optional[Tuple[torch.Tensor, ...]] = None  # what init_lora_weights was given
         self._lora: Optional[Tuple[torch.Tensor, ...]] = None       # fp32 contiguous, read by C in place
         self._lora_ptrs: Tuple[int, ...] = ()
@@ -146,22 +149,65 @@ class BaseSFTMoEWrapper:
     def _bind_weights(self, packed: Tuple[object, object, object]) -> None:
         # every view is built (and checked) before the native layer sees any: a failure leaves it as it was
         fmt = self.weight_format
-        views = [(p, which, fmt.view(w, which, self.part_i0[p]))
-                 for p in range(self.P) for which, w in zip(("gate", "up", "down"), packed)]
+        names = ("gate", "up", "down")
+        for which, w in zip(names, packed):
+            for p in range(self.P):
+                fmt.check_tp(which, w.shape[2], w.group, self.part_i0[p])
+        parts = self._node_local_parts(packed)
+        if parts is None:
+            views = [(p, which, fmt.view(w, which, self.part_i0[p])) for p in range(self.P)
+                     for which, w in zip(names, packed)]
+        else:
+            views = [(p, which, fmt.view(w, which, 0)) for p in range(self.P) for which, w in zip(names, parts[p])]
         for p, which, v in views:
             self._layer.set_weight(p, which, v.fmt, v.data_ptr, v.scale_ptr, v.zero_ptr, v.rows, v.cols,
                                    v.row0, v.col0, v.group)
-        self._weights = packed
+        self._weights, self._part_weights = (packed, None) if parts is None else (None, parts)
+
+    def _node_local_parts(self, packed):
+        """Per-part copies of the weights, each written by its subpool's threads so that first touch puts
+        it on that subpool's NUMA node; None when the subpools share one node (or numa_local=False)."""
+        local = self._numa_local
+        if local is None:
+            local = self.P > 1 and len({n for n in self._engine.numa_nodes if n >= 0}) > 1
+        if not local:
+            return None
+        core = self._engine.core
+
+        def gather_on(p):
+            def gather(view: torch.Tensor) -> torch.Tensor:
+                dst = torch.empty(view.shape, dtype=view.dtype)  # untouched pages: placed by the first write
+                es = view.element_size()
+                E, a, b = view.shape
+                if view.stride(2) != 1:
+                    raise ValueError("a weight slice must have contiguous rows")
+                if view.stride(1) == b:  # one contiguous block per expert
+                    core.part_copy(p, dst.data_ptr(), view.data_ptr(), E, view.stride(0) * es, 1, 0, a * b * es)
+                else:
+                    core.part_copy(p, dst.data_ptr(), view.data_ptr(), E, view.stride(0) * es, a,
+                                   view.stride(1) * es, b * es)
+                return dst
+            return gather
+
+        fmt = self.weight_format
+        return [tuple(fmt.part_slice(w, which, self.part_i0[p], self.part_i0[p + 1], gather_on(p))
+                      for which, w in zip(("gate", "up", "down"), packed)) for p in range(self.P)]
 
     def weight_nbytes(self) -> int:
-        if self._weights is None:
-            return 0
-        return sum(self.weight_format.nbytes(w) for w in self._weights)
+        fmt = self.weight_format
+        if self._part_weights is not None:
+            return sum(fmt.nbytes(w) for part in self._part_weights for w in part)
+        return 0 if self._weights is None else sum(fmt.nbytes(w) for w in self._weights)
 
     def dequantized_weights(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The frozen weights as the kernels see them (fp32), for tests and references."""
         self._require_weights()
-        return tuple(self.weight_format.dequantize(w) for w in self._weights)  # type: ignore[return-value]
+        fmt = self.weight_format
+        if self._part_weights is None:
+            return tuple(fmt.dequantize(w) for w in self._weights)  # type: ignore[return-value]
+        per_part = [[fmt.dequantize(w) for w in part] for part in self._part_weights]
+        return (torch.cat([pp[0] for pp in per_part], dim=1), torch.cat([pp[1] for pp in per_part], dim=1),
+                torch.cat([pp[2] for pp in per_part], dim=2))
 
     # ---- LoRA ----
     def lora_shapes(self) -> Dict[str, Tuple[int, int, int]]:
@@ -204,7 +250,7 @@ class BaseSFTMoEWrapper:
 
     # ---- checks ----
     def _require_weights(self) -> None:
-        if self._weights is None:
+        if self._weights is None and self._part_weights is None:
             raise RuntimeError("weights are not loaded: call load_weights_from_tensors() or load_weights() first")
 
     def _check_inputs(self, hidden_states, expert_ids, weights) -> int:
