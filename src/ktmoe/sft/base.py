@@ -6,7 +6,7 @@ batches larger than `chunked_prefill_size` into chunks transparently. Formats pl
 `ktmoe.formats`; nothing here changes when a method is added."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -33,22 +33,14 @@ def check_tensor(name: str, t, shape: Sequence[int], dtypes: Sequence[torch.dtyp
         raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
 
 
-class _Chunk:
-    """One chunk's native context and its token range."""
+class SavedForward(NamedTuple):
+    """What backward needs from one forward: per chunk (native context, first token, end token), and the
+    input's T, dtype and device. (Tuples: this is built on every call, right after the caches went cold.)"""
 
-    __slots__ = ("ctx", "t0", "t1")
-
-    def __init__(self, ctx: _core.Context, t0: int, t1: int):
-        self.ctx, self.t0, self.t1 = ctx, t0, t1
-
-
-class SavedForward:
-    """What backward needs from one forward: the chunks' contexts and the input's dtype/device."""
-
-    __slots__ = ("chunks", "T", "dtype", "device")
-
-    def __init__(self, chunks: List[_Chunk], T: int, dtype: torch.dtype, device: torch.device):
-        self.chunks, self.T, self.dtype, self.device = chunks, T, dtype, device
+    chunks: List[Tuple[_core.Context, int, int]]
+    T: int
+    dtype: torch.dtype
+    device: torch.device
 
 
 class BaseSFTMoEWrapper:
@@ -325,7 +317,7 @@ class BaseSFTMoEWrapper:
         # chunk t0 starts at these byte offsets (no slicing: views cost microseconds)
         x_row, ids_row, w_row = self.H * x.element_size(), self.k * ids.element_size(), self.k * w.element_size()
         x_ptr, ids_ptr, w_ptr, out_ptr = x.data_ptr(), ids.data_ptr(), w.data_ptr(), out.data_ptr()
-        chunks: List[_Chunk] = []
+        chunks: List[Tuple[_core.Context, int, int]] = []
         core, layer = self._engine.core, self._layer
         for t0 in range(0, max(T, 1), self.chunk):
             t1 = min(T, t0 + self.chunk)
@@ -333,7 +325,7 @@ class BaseSFTMoEWrapper:
             ctx.plan(layer, t1 - t0, ids_ptr + t0 * ids_row, ids_i32, w_ptr + t0 * w_row, w_bf16)
             ctx.forward(layer, core, x_ptr + t0 * x_row, x_f32, out_ptr + t0 * x_row, x_f32, save)
             if save:
-                chunks.append(_Chunk(ctx, t0, t1))
+                chunks.append((ctx, t0, t1))
         dev = hidden_states.device
         y = out if out.dtype is hidden_states.dtype and dev.type == "cpu" else \
             out.to(dtype=hidden_states.dtype, device=dev)
@@ -364,10 +356,10 @@ class BaseSFTMoEWrapper:
         row = self.H * dy.element_size()
         dy_ptr, dx_ptr, dw_ptr = dy.data_ptr(), dx.data_ptr(), dw.data_ptr()
         core, layer = self._engine.core, self._layer
-        for i, c in enumerate(saved.chunks):
+        for i, (ctx, t0, _) in enumerate(saved.chunks):
             target = ptrs if i == 0 or not extra else [g.data_ptr() for g in extra]
-            c.ctx.backward(layer, core, dy_ptr + c.t0 * row, dy_f32, dx_ptr + c.t0 * row, dy_f32,
-                           dw_ptr + c.t0 * self.k * 4, target)
+            ctx.backward(layer, core, dy_ptr + t0 * row, dy_f32, dx_ptr + t0 * row, dy_f32, dw_ptr + t0 * self.k * 4,
+                         target)
             if i > 0 and extra:
                 for g, e in zip(grads, extra):
                     g += e
