@@ -5,6 +5,7 @@ Examples:
     python -m ktmoe.bench --preset deepseek-v2-lite --preset mixtral-8x7b --tokens 1,16,512
     python -m ktmoe.bench --peer-python /path/to/kt-kernel-env/bin/python --markdown bench.md --json bench.json
     python -m ktmoe.bench --smoke                           # tiny shape, T=16, one round (CI)
+    python -m ktmoe.bench --accuracy --peer-python /path/to/kt-kernel-env/bin/python   # accuracy, every method
 """
 from __future__ import annotations
 
@@ -43,13 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
                                             "against the measured peak, the PyTorch reference and kt-kernel.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", action="append", choices=sorted(PRESETS),
-                   help="layer shape (repeatable); default qwen3-30b-a3b")
-    p.add_argument("--tokens", type=_tokens, default=[16, 1024], help="token counts T, comma-separated")
-    p.add_argument("--rank", type=_positive, default=16, help="LoRA rank")
+                   help="layer shape (repeatable); default qwen3-30b-a3b (--accuracy: small)")
+    p.add_argument("--tokens", type=_tokens, default=None,
+                   help="token counts T, comma-separated; default 16,1024 (--accuracy: 64)")
+    p.add_argument("--rank", type=_positive, default=None, help="LoRA rank; default 16 (--accuracy: 8)")
     p.add_argument("--threads", type=_positive, default=None, help="engine threads (default: all allowed CPUs)")
     p.add_argument("--threadpool-count", type=_positive, default=1, help="TP subpools")
     p.add_argument("--method", action="append", choices=sorted(SFT_METHODS),
-                   help="SFT method (repeatable); default AMXBF16_SFT")
+                   help="SFT method (repeatable); default AMXBF16_SFT (--accuracy: every SFT method)")
     p.add_argument("--isa", default=None, choices=list(_core.ISA_LEVELS),
                    help="cap the instruction-set level (ktmoe.set_isa; default: the best this CPU has)")
     p.add_argument("--repeats", type=_positive, default=7, help="timed rounds (median reported)")
@@ -61,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", metavar="FILE", help="also write the markdown report here")
     p.add_argument("--json", metavar="FILE", help="write every measurement (with all samples) as JSON here")
     p.add_argument("--smoke", action="store_true", help="tiny preset, T=16, one round: for CI")
+    p.add_argument("--accuracy", action="store_true",
+                   help="instead of speed: rel-L2 error of y and every gradient vs the fp32 reference (on the "
+                        "original bf16 and on the dequantized weights), per method, next to kt-kernel's on the "
+                        "same inputs (see ktmoe/bench/accuracy.py)")
     return p
 
 
@@ -73,9 +79,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.tokens = [16]
         args.repeats = 1
         args.warmup = 1
-    args.preset = list(dict.fromkeys(args.preset or ["qwen3-30b-a3b"]))
-    args.method = list(dict.fromkeys(args.method or ["AMXBF16_SFT"]))
-    args.tokens = list(dict.fromkeys(args.tokens))
+    if args.accuracy:
+        from .accuracy import DEFAULT_PRESET, DEFAULT_RANK, DEFAULT_TOKENS, METHOD_ORDER
+        defaults = ([DEFAULT_PRESET], DEFAULT_TOKENS, DEFAULT_RANK, METHOD_ORDER)
+    else:
+        defaults = (["qwen3-30b-a3b"], [16, 1024], 16, ["AMXBF16_SFT"])
+    args.preset = list(dict.fromkeys(args.preset or defaults[0]))
+    args.tokens = list(dict.fromkeys(args.tokens or defaults[1]))
+    args.rank = args.rank or defaults[2]
+    args.method = list(dict.fromkeys(args.method or defaults[3]))
     if args.threads is None:
         args.threads = allowed_cpu_count()
     if args.threads < args.threadpool_count:
@@ -91,8 +103,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    from .report import render  # late: keep --help fast
-    from .runner import run
+    if args.accuracy:
+        from .accuracy import render, run  # late: keep --help fast
+    else:
+        from .report import render
+        from .runner import run
 
     result = run(args)
     md = render(result)

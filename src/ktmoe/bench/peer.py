@@ -92,6 +92,10 @@ class Peer:
     def step(self, T: int, n: int = 1) -> dict:
         return self._send({"cmd": "step", "T": int(T), "n": int(n)})
 
+    def accuracy(self, inputs_path: str, out_path: str) -> dict:
+        """One forward + backward on the torch.save'd inputs; kt-kernel's outputs and grads go to out_path."""
+        return self._send({"cmd": "accuracy", "inputs": inputs_path, "out": out_path})
+
     def rss(self) -> int:
         return int(self._send({"cmd": "rss"})["rss"])
 

@@ -5,11 +5,18 @@ $KTMOE_PEER_PYTHON) as a plain script; it imports torch, kt_kernel and the sibli
 path) and never ktmoe, so kt-kernel never becomes a ktmoe dependency and the two never share a process.
 
 Protocol: argv[1] is a JSON config {E, k, H, I, rank, alpha, threads, threadpool_count, method, seed,
-max_tokens}. kt-kernel's C++ code prints to stdout, so every reply is one line that starts with MARK
+max_tokens, and optionally data, group_size}. With "data" (a torch.save file holding the bf16 "gate", "up",
+"down" and the six bf16 LoRA tensors by name), those exact tensors are loaded instead of the seeded ones
+(the accuracy comparison: both libraries see the same bits).
+kt-kernel's C++ code prints to stdout, so every reply is one line that starts with MARK
 followed by JSON. After setup it replies {"ready": true, ...memory...} or {"error": "..."}; then it reads
 one JSON command per stdin line:
     {"cmd": "step", "T": 16, "n": 1}  -> {"fwd_ms": [...], "bwd_ms": [...]}   (n forward+backward steps)
     {"cmd": "rss"}                     -> {"rss": bytes}
+    {"cmd": "accuracy", "inputs": path, "out": path}
+        -> {"ok": true, ...}: one forward(save_for_backward=True) + backward on the torch.save'd inputs
+           {"x" bf16 [T,H], "ids" int64 [T,k], "w" fp32 [T,k], "dy" bf16 [T,H]}; torch.save's to "out"
+           {"y", "grad_input", "grad_weights", and the six LoRA grads by name} as kt-kernel returned them
     {"cmd": "quit"}                    -> exits
 Errors inside a command are replied as {"error": "..."}; the driver keeps serving.
 
@@ -62,17 +69,25 @@ def main() -> int:
         from kt_kernel import KTMoEWrapper
 
         rss_import = wl.rss_bytes()
+        data = torch.load(cfg["data"], weights_only=True) if cfg.get("data") else None
+        extra = {"group_size": int(cfg["group_size"])} if cfg.get("group_size") else {}
         w = KTMoEWrapper(layer_idx=0, num_experts=E, num_experts_per_tok=k, hidden_size=H,
                          moe_intermediate_size=I, gpu_experts_mask=None, cpuinfer_threads=int(cfg["threads"]),
                          threadpool_count=int(cfg["threadpool_count"]), weight_path=None,
                          chunked_prefill_size=int(cfg["max_tokens"]), method=cfg["method"], mode="sft",
-                         lora_rank=r, lora_alpha=float(cfg["alpha"]))
+                         lora_rank=r, lora_alpha=float(cfg["alpha"]), **extra)
         rss_before = wl.rss_bytes()
-        gate, up, down = wl.make_weights(E, H, I, seed=int(cfg["seed"]))
+        if data is not None:
+            gate, up, down = (data.pop(n).contiguous() for n in ("gate", "up", "down"))
+        else:
+            gate, up, down = wl.make_weights(E, H, I, seed=int(cfg["seed"]))
         w.load_weights_from_tensors(gate, up, down, torch.arange(E, dtype=torch.int64))
         del gate, up, down  # the caller's copy goes; what stays resident is kt-kernel's own
         gc.collect()
-        lora = wl.make_lora(E, H, I, r, torch.bfloat16, seed=int(cfg["seed"]) + 1)
+        if data is not None:
+            lora = {n: data[n].to(torch.bfloat16).contiguous() for n in wl.LORA_ORDER}
+        else:
+            lora = wl.make_lora(E, H, I, r, torch.bfloat16, seed=int(cfg["seed"]) + 1)
         grads = {n: torch.zeros_like(t) for n, t in lora.items()}
         w.init_lora_weights(*(lora[n] for n in wl.LORA_ORDER), *(grads[n] for n in wl.LORA_ORDER))
         rss_load = wl.rss_bytes()
@@ -91,6 +106,17 @@ def main() -> int:
             w.backward(dy)
             t2 = time.perf_counter()
             return (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+        def accuracy(inputs_path, out_path):
+            d = torch.load(inputs_path, weights_only=True)
+            for g in grads.values():  # the buffers may accumulate: start from zero
+                g.zero_()
+            y = w.forward(d["x"].contiguous(), d["ids"].contiguous(), d["w"].contiguous(), save_for_backward=True)
+            gi, gw = w.backward(d["dy"].contiguous())
+            out = dict(y=y.detach().clone(), grad_input=gi.detach().clone(), grad_weights=gw.detach().clone())
+            out.update({n: g.detach().clone() for n, g in grads.items()})
+            torch.save(out, out_path)
+            return {n: str(t.dtype) for n, t in out.items()}
 
         step(int(cfg["max_tokens"]))  # the same step size as the in-process memory probe
         rss_step = wl.rss_bytes()
@@ -113,6 +139,8 @@ def main() -> int:
                 break
             if cmd["cmd"] == "rss":
                 reply(dict(rss=wl.rss_bytes()))
+            elif cmd["cmd"] == "accuracy":
+                reply(dict(ok=True, dtypes=accuracy(cmd["inputs"], cmd["out"])))
             elif cmd["cmd"] == "step":
                 fwd, bwd = [], []
                 for _ in range(int(cmd.get("n", 1))):
