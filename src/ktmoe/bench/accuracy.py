@@ -33,6 +33,7 @@ from ..methods import REGISTRY, SFT_METHODS
 from ..reference import LORA_NAMES, moe_reference
 from . import workload as wl
 from .peer import Peer, PeerError
+from .report import notes_section
 
 LORA_ALPHA = 32.0
 SEED = 1234
@@ -291,9 +292,5 @@ def render(res: dict) -> str:
             L.append("")
             L += [f"- {s_}" for s_ in summary]
             L.append("")
-    if notes:
-        L.append("## Notes")
-        L.append("")
-        L += [f"- {n}" for n in dict.fromkeys(notes)]
-        L.append("")
+    L += notes_section(notes)
     return "\n".join(L)

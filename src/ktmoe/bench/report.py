@@ -138,9 +138,12 @@ def render(res: dict) -> str:
         L += _table(["preset", "side", "method", "weights MiB", "held MiB", "resident MiB", "resident / held",
                      "step MiB"], mem_rows)
         L.append("")
-    if notes:
-        L.append("## Notes")
-        L.append("")
-        L += [f"- {n}" for n in dict.fromkeys(notes)]
-        L.append("")
+    L += notes_section(notes)
     return "\n".join(L)
+
+
+def notes_section(notes) -> list:
+    """A '## Notes' markdown section listing each distinct note once (empty when there are none)."""
+    if not notes:
+        return []
+    return ["## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)] + [""]
