@@ -29,9 +29,8 @@ typedef struct {
 
 struct kt_engine {
     int nthreads, nparts;
-    int part_size[KT_MAX_PARTS];
     worker *workers;
-    kt_tscratch *scratch; /* KT_SCRATCH_SLOTS per thread */
+    kt_buffer *scratch; /* KT_SCRATCH_SLOTS per thread */
     kt_buffer shared[KT_SHARED_SLOTS];
     pthread_mutex_t call_lock; /* one layer call at a time */
     int caller_cpu;            /* slot 0's CPU: the calling thread is pinned there only during a call */
@@ -234,9 +233,8 @@ kt_engine *kt_engine_create(int nparts, const int *part_sizes, const int *cpu_id
     if (!eng) goto oom;
     eng->nthreads = total;
     eng->nparts = nparts;
-    memcpy(eng->part_size, part_sizes, sizeof(int) * (size_t)nparts);
     eng->workers = calloc((size_t)total, sizeof(worker));
-    eng->scratch = calloc((size_t)total * KT_SCRATCH_SLOTS, sizeof(kt_tscratch));
+    eng->scratch = calloc((size_t)total * KT_SCRATCH_SLOTS, sizeof(kt_buffer));
     eng->task_cpu = calloc((size_t)total * 8, sizeof(double));
     if (!eng->workers || !eng->scratch || !eng->task_cpu) goto oom;
     pthread_mutex_init(&eng->call_lock, NULL);
@@ -306,7 +304,6 @@ double kt_engine_task_cpu(kt_engine *eng) {
     return sum;
 }
 int kt_engine_parts(const kt_engine *eng) { return eng->nparts; }
-int kt_engine_part_threads(const kt_engine *eng, int part) { return eng->part_size[part]; }
 /* A call holds the engine; the calling thread works as slot 0 on slot 0's CPU for the call's duration
  * (left free, the OS may stack it on a worker's CPU), then gets its own affinity back. */
 void kt_engine_lock(kt_engine *eng) {
@@ -326,7 +323,7 @@ void kt_engine_unlock(kt_engine *eng) {
 }
 
 void *kt_scratch_slot(kt_engine *eng, int tid, int slot, size_t bytes) {
-    kt_tscratch *s = &eng->scratch[tid * KT_SCRATCH_SLOTS + slot];
+    kt_buffer *s = &eng->scratch[tid * KT_SCRATCH_SLOTS + slot];
     if (s->size < bytes) {
         free(s->ptr);
         s->ptr = NULL;

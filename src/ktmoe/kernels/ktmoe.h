@@ -86,7 +86,7 @@ typedef struct kt_ctx kt_ctx;
 kt_ctx *kt_ctx_create(void);
 void kt_ctx_destroy(kt_ctx *ctx);
 size_t kt_ctx_bytes(const kt_ctx *ctx); /* bytes held (for memory reports) */
-void kt_ctx_release(kt_ctx *ctx);       /* drop saved activations, keep capacity out of the picture */
+void kt_ctx_release(kt_ctx *ctx);       /* free the saved activations (the plan stays) */
 
 /* Build the plan: pairs grouped by expert. ids: [T, k] int64 (ids_is_i32: int32), -1 = skip.
  * wts: [T, k] fp32 (wts_is_bf16: bf16). */

@@ -11,9 +11,7 @@
 kt_ctx *kt_ctx_create(void) { return calloc(1, sizeof(kt_ctx)); }
 
 void kt_ctx_release(kt_ctx *ctx) {
-    kt_buffer_free(&ctx->x_buf);
     kt_buffer_free(&ctx->act_buf);
-    kt_buffer_free(&ctx->lora_buf);
     ctx->saved = 0;
 }
 
@@ -25,7 +23,7 @@ void kt_ctx_destroy(kt_ctx *ctx) {
 }
 
 size_t kt_ctx_bytes(const kt_ctx *ctx) {
-    return ctx->plan_buf.size + ctx->x_buf.size + ctx->act_buf.size + ctx->lora_buf.size;
+    return ctx->plan_buf.size + ctx->act_buf.size;
 }
 
 static size_t round64(size_t n) { return (n + 63) & ~(size_t)63; }

@@ -7,7 +7,6 @@
 
 /* ---- growable buffers ---- */
 typedef struct { void *ptr; size_t size; } kt_buffer;
-typedef kt_buffer kt_tscratch;
 void *kt_buffer_reserve(kt_buffer *b, size_t bytes); /* contents not kept; NULL on failure */
 void kt_buffer_free(kt_buffer *b);
 
@@ -15,7 +14,6 @@ void kt_buffer_free(kt_buffer *b);
 typedef void (*kt_task_fn)(void *arg, int part, int task, int tid);
 void kt_run_parts(kt_engine *eng, const int *ntasks_per_part, kt_task_fn fn, void *arg);
 void kt_run_all(kt_engine *eng, int ntasks, kt_task_fn fn, void *arg);
-int kt_engine_part_threads(const kt_engine *eng, int part);
 void kt_engine_lock(kt_engine *eng);
 void kt_engine_unlock(kt_engine *eng);
 /* Per-thread work space, grown on demand; slot 0 for a stage's tiles, slot 1 for helpers they call. */
@@ -23,8 +21,8 @@ void kt_engine_unlock(kt_engine *eng);
 void *kt_scratch_slot(kt_engine *eng, int tid, int slot, size_t bytes);
 #define kt_scratch(eng, tid, bytes) kt_scratch_slot(eng, tid, 0, bytes)
 /* Engine-wide work buffers, valid during one call (forward-only intermediates are not kept per layer). */
-enum { KT_SH_H, KT_SH_PAIRS, KT_SH_DY, KT_SH_DG, KT_SH_DU, KT_SH_BG, KT_SH_BU, KT_SH_BD, KT_SH_DWPART,
-       KT_SH_TASKS, KT_SHARED_SLOTS };
+enum { KT_SH_H, KT_SH_PAIRS, KT_SH_DY, KT_SH_DG, KT_SH_DU, KT_SH_BD, KT_SH_DWPART, KT_SH_TASKS,
+       KT_SHARED_SLOTS };
 void *kt_shared_buffer(kt_engine *eng, int slot, size_t bytes);
 
 /* ---- stage timing (KTMOE_PROFILE): cumulative seconds per named stage, read by the bench ---- */
@@ -48,7 +46,7 @@ struct kt_ctx {
     bf16_t *g[KT_MAX_PARTS], *u[KT_MAX_PARTS]; /* [npairs, I_p] pre-activation, bf16 */
     float *ag, *au;        /* [npairs, r] A_g x, A_u x */
     float *ad[KT_MAX_PARTS]; /* [npairs, r] A_d h, this part's partial sum */
-    kt_buffer plan_buf, x_buf, act_buf, lora_buf;
+    kt_buffer plan_buf, act_buf;
 };
 
 /* ---- one ISA level's implementation of the stages ---- */
