@@ -52,7 +52,10 @@ struct kt_engine {
     double *task_cpu;       /* per thread, 8 doubles apart (no false sharing) */
 };
 
-#define TASK_BITS 20
+#ifndef KT_TASK_BITS
+#define KT_TASK_BITS 20 /* tasks per list and round; more run in several rounds (tests shrink it) */
+#endif
+#define TASK_BITS KT_TASK_BITS
 #define TASK_MASK ((1u << TASK_BITS) - 1)
 
 static uint64_t pack(unsigned job, unsigned count) {
@@ -156,17 +159,51 @@ static void dispatch_job(kt_engine *eng, const int *counts, int nlists, int own_
     while (atomic_load_explicit(&eng->finished, memory_order_acquire) < eng->total) cpu_relax();
 }
 
-static void dispatch(kt_engine *eng, const int *counts, int nlists) { dispatch_job(eng, counts, nlists, 0); }
+/* A job whose lists hold more tasks than one claim word counts runs in rounds; each round's task t is
+ * the job's task base[list] + t. */
+typedef struct {
+    kt_task_fn fn;
+    void *arg;
+    int base[KT_MAX_PARTS];
+} round_args;
 
-static int check_count(int n) { return n < 0 ? 0 : (n > (int)TASK_MASK ? (int)TASK_MASK : n); }
+static void round_task(void *arg, int part, int task, int tid) {
+    round_args *r = arg;
+    r->fn(r->arg, part, r->base[part] + task, tid);
+}
+
+static void run_job(kt_engine *eng, const int *ntasks, int nlists, int shared_list, int own_part_only,
+                    kt_task_fn fn, void *arg) {
+    int counts[KT_MAX_PARTS], over = 0;
+    for (int l = 0; l < nlists; l++) {
+        counts[l] = ntasks[l] < 0 ? 0 : ntasks[l];
+        over |= counts[l] > (int)TASK_MASK;
+    }
+    eng->shared_list = shared_list;
+    if (!over) {
+        eng->fn = fn;
+        eng->arg = arg;
+        dispatch_job(eng, counts, nlists, own_part_only);
+        return;
+    }
+    round_args r = {fn, arg, {0}};
+    for (;;) {
+        int round[KT_MAX_PARTS], any = 0;
+        for (int l = 0; l < nlists; l++) {
+            int left = counts[l] - r.base[l];
+            round[l] = left > (int)TASK_MASK ? (int)TASK_MASK : left;
+            any |= round[l] > 0;
+        }
+        if (!any) return;
+        eng->fn = round_task;
+        eng->arg = &r;
+        dispatch_job(eng, round, nlists, own_part_only);
+        for (int l = 0; l < nlists; l++) r.base[l] += round[l];
+    }
+}
 
 void kt_run_parts(kt_engine *eng, const int *ntasks, kt_task_fn fn, void *arg) {
-    int counts[KT_MAX_PARTS];
-    for (int p = 0; p < eng->nparts; p++) counts[p] = check_count(ntasks[p]);
-    eng->fn = fn;
-    eng->arg = arg;
-    eng->shared_list = 0;
-    dispatch(eng, counts, eng->nparts);
+    run_job(eng, ntasks, eng->nparts, 0, 0, fn, arg);
 }
 
 /* ---- placement copies: pages written first by a part's own threads land on its NUMA node ---- */
@@ -199,22 +236,13 @@ int kt_engine_part_copy(kt_engine *eng, int part, void *dst, const void *src, si
     int counts[KT_MAX_PARTS] = {0};
     counts[part] = (int)((c.rows + c.rows_per_task - 1) / c.rows_per_task);
     pthread_mutex_lock(&eng->call_lock);
-    eng->fn = copy_task;
-    eng->arg = &c;
-    eng->shared_list = 0;
     /* part 0 is the caller's own part; others are written only by their pinned workers */
-    dispatch_job(eng, counts, eng->nparts, part != 0);
+    run_job(eng, counts, eng->nparts, 0, part != 0, copy_task, &c);
     pthread_mutex_unlock(&eng->call_lock);
     return KT_OK;
 }
 
-void kt_run_all(kt_engine *eng, int ntasks, kt_task_fn fn, void *arg) {
-    int count = check_count(ntasks);
-    eng->fn = fn;
-    eng->arg = arg;
-    eng->shared_list = 1;
-    dispatch(eng, &count, 1);
-}
+void kt_run_all(kt_engine *eng, int ntasks, kt_task_fn fn, void *arg) { run_job(eng, &ntasks, 1, 1, 0, fn, arg); }
 
 kt_engine *kt_engine_create(int nparts, const int *part_sizes, const int *cpu_ids, char *err) {
     if (nparts < 1 || nparts > KT_MAX_PARTS) {
