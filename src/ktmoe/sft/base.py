@@ -33,6 +33,13 @@ def check_tensor(name: str, t, shape: Sequence[int], dtypes: Sequence[torch.dtyp
         raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
 
 
+def _check_width(name: str, t, cols: int, hint: str) -> None:
+    """t must be a 2-D tensor [T, cols]; T is whatever the first input says."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != cols:
+        got = _describe(t) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must have shape [T, {cols}]{hint}, got {got}")
+
+
 class SavedForward(NamedTuple):
     """What backward needs from one forward: per chunk (native context, first token, end token), and the
     input's T, dtype and device. (Tuples: this is built on every call, right after the caches went cold.)"""
@@ -258,17 +265,12 @@ class BaseSFTMoEWrapper:
                 return T
         except (AttributeError, IndexError, TypeError):
             pass
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2 \
-                or hidden_states.shape[1] != self.H:
-            got = _describe(hidden_states) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
-            raise ValueError(f"hidden_states must have shape [T, {self.H}], got {got}")
+        _check_width("hidden_states", hidden_states, self.H, "")
         T = hidden_states.shape[0]
         check_tensor("hidden_states", hidden_states, (T, self.H), _FLOAT_INPUTS)
-        if not isinstance(expert_ids, torch.Tensor) or expert_ids.dim() != 2 or expert_ids.shape[1] != self.k:
-            got = _describe(expert_ids) if isinstance(expert_ids, torch.Tensor) else type(expert_ids).__name__
-            raise ValueError(f"expert_ids must have shape [T, {self.k}] (k = num_experts_per_tok), got {got}")
-        check_tensor("expert_ids", expert_ids, (T, self.k), (torch.int64, torch.int32))
-        check_tensor("weights", weights, (T, self.k), (torch.float32, torch.bfloat16))
+        _check_width("expert_ids", expert_ids, self.k, " (k = num_experts_per_tok)")
+        check_tensor("expert_ids", expert_ids, (T, self.k), _ID_DTYPES)
+        check_tensor("weights", weights, (T, self.k), _WEIGHT_DTYPES)
         for name, t in (("expert_ids", expert_ids), ("weights", weights)):
             if t.device != hidden_states.device:
                 raise ValueError(f"{name} is on {t.device} but hidden_states is on {hidden_states.device}")
@@ -292,10 +294,7 @@ class BaseSFTMoEWrapper:
         """A CPU, contiguous bf16 or fp32 tensor and whether it is fp32."""
         if t.dtype is not torch.bfloat16 and t.dtype is not torch.float32:
             t = t.float()
-        if not t.is_cpu:
-            t = t.to("cpu")
-        if not t.is_contiguous():
-            t = t.contiguous()
+        t = BaseSFTMoEWrapper._cpu_contiguous(t)
         return t, t.dtype is torch.float32
 
     @staticmethod
