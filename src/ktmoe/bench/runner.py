@@ -39,34 +39,22 @@ class _Clock:
 
 
 def _timed_context_class():
-    class TimedContext(_core.Context):
-        """_core.Context whose native calls add their wall time to _Clock.native (bench only)."""
+    """_core.Context whose native calls (plan, forward, backward) add their wall time to _Clock.native."""
 
-        def plan(self, *a):
+    def timed(name):
+        native = getattr(_core.Context, name)
+
+        def call(self, *a):
             t = time.perf_counter()
             try:
-                return super().plan(*a)
+                return native(self, *a)
             finally:
                 _Clock.native += time.perf_counter() - t
                 _Clock.calls += 1
 
-        def forward(self, *a):
-            t = time.perf_counter()
-            try:
-                return super().forward(*a)
-            finally:
-                _Clock.native += time.perf_counter() - t
-                _Clock.calls += 1
+        return call
 
-        def backward(self, *a):
-            t = time.perf_counter()
-            try:
-                return super().backward(*a)
-            finally:
-                _Clock.native += time.perf_counter() - t
-                _Clock.calls += 1
-
-    return TimedContext
+    return type("TimedContext", (_core.Context,), {n: timed(n) for n in ("plan", "forward", "backward")})
 
 
 class _CoreProxy:
