@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Developer build: compiles the native module into build/dev and copies it next to the sources, so that
+# `PYTHONPATH=src python -m pytest tests` runs this checkout without reinstalling. Needs cmake, ninja,
+# cython and scikit-build-core's CMake helpers (pip install cmake ninja cython).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p build
+py=${PYTHON:-python}
+cmake -S . -B build/dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$py")" \
+      -DSKBUILD_PROJECT_NAME=ktmoe ${CMAKE_ARGS:-} > build/dev.log 2>&1 || { cat build/dev.log; exit 1; }
+cmake --build build/dev -j"${JOBS:-2}"
+cp -f build/dev/_core*.so src/ktmoe/
