@@ -22,8 +22,12 @@ torch.set_num_threads(THREADS)
 
 
 def _levels_under_env_cap():
-    """The levels this CPU runs, up to $KTMOE_ISA when set (so the cap restricts the suite too)."""
+    """The levels this CPU runs, up to $KTMOE_ISA when set (so the cap restricts the suite too), or exactly
+    those named in $KTMOE_TEST_LEVELS (comma-separated; the device script runs one level at a time)."""
     levels = ktmoe.available_isa_levels()
+    only = [lv.strip() for lv in os.environ.get("KTMOE_TEST_LEVELS", "").split(",") if lv.strip()]
+    if only:
+        return [lv for lv in only if lv in levels]
     cap = os.environ.get("KTMOE_ISA", "").strip()
     if cap in levels:
         levels = levels[: levels.index(cap) + 1]

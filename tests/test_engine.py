@@ -13,6 +13,6 @@ KERNELS = ROOT / "src" / "ktmoe" / "kernels"
 def test_tasks_run_once_in_rounds(tmp_path):
     exe = tmp_path / "rounds"
     subprocess.run(["gcc", "-O2", "-DKT_TASK_BITS=2", f"-I{KERNELS}", str(ROOT / "tests/native/test_engine_rounds.c"),
-                    str(KERNELS / "engine.c"), "-o", str(exe), "-lpthread"], check=True)
+                    str(KERNELS / "core" / "engine.c"), "-o", str(exe), "-lpthread"], check=True)
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "mismatches 0" in out.stdout, out.stdout + out.stderr

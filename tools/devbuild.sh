@@ -9,4 +9,6 @@ py=${PYTHON:-python}
 cmake -S . -B build/dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$py")" \
       -DSKBUILD_PROJECT_NAME=ktmoe ${CMAKE_ARGS:-} > build/dev.log 2>&1 || { cat build/dev.log; exit 1; }
 cmake --build build/dev -j"${JOBS:-2}"
-cp -f build/dev/_core*.so src/ktmoe/
+for so in build/dev/_core*.so; do  # a new inode: a running process keeps the old file mapped
+    cp -f "$so" "src/ktmoe/.$(basename "$so").tmp" && mv -f "src/ktmoe/.$(basename "$so").tmp" "src/ktmoe/$(basename "$so")"
+done

@@ -9,14 +9,33 @@ from libc.stdint cimport uintptr_t, int64_t
 from libc.stdlib cimport malloc, free
 
 cdef extern from "ktmoe.h" nogil:
-    int KT_OK, KT_EINVAL, KT_ENOMEM, KT_ESTATE, KT_MAX_PARTS, KT_ERRLEN
+    enum:
+        KT_MAX_PARTS
+        KT_ERRLEN
+        KT_ISA_COUNT
+        KT_W_COUNT
+        KT_L_ROWS
+        KT_SLOT_COUNT
+    int KT_OK, KT_EINVAL, KT_ENOMEM, KT_ESTATE
     int kt_isa_detected()
     int kt_isa_active()
     int kt_isa_set(int level)
     const char *kt_isa_name(int level)
     int kt_isa_from_name(const char *name)
+    int kt_isa_parent(int level)
+    int kt_isa_built(int level)
+    int kt_isa_usable(int level, char *why, size_t len)
+    int kt_isa_auto(int level)
     void kt_cpu_features(char *buf, size_t n)
     const char *kt_cpu_brand()
+    void kt_amx_status(int *detected, int *permitted)
+    const char *kt_format_name(int fmt)
+    int kt_format_bits(int fmt)
+    int kt_format_has_scale(int fmt)
+    int kt_format_has_zero(int fmt)
+    const char *kt_slot_name(int slot)
+    double kt_slot_check(int level, int slot, int fmt, int M, int N, int K, int group, unsigned seed, char *err)
+    long kt_tile_model_violations(char *msg, size_t len)
 
     ctypedef struct kt_engine:
         pass
@@ -28,19 +47,19 @@ cdef extern from "ktmoe.h" nogil:
                             ptrdiff_t src_outer, size_t n_inner, ptrdiff_t src_inner, size_t row_bytes)
 
     ctypedef struct kt_wmat:
-        int fmt
+        int fmt, layout
         const void *data
         const float *scale
         const float *zero
-        int rows, cols, row0, col0, group
+        int rows, cols, row0, col0, group, block_rows
     ctypedef struct kt_layer:
         int E, k, H, I, r
         float lora_scale
         int nparts
-        int part_i0[65]
-        kt_wmat gate[64]
-        kt_wmat up[64]
-        kt_wmat down[64]
+        int part_i0[KT_MAX_PARTS + 1]
+        kt_wmat gate[KT_MAX_PARTS]
+        kt_wmat up[KT_MAX_PARTS]
+        kt_wmat down[KT_MAX_PARTS]
         const float *gate_a
         const float *gate_b
         const float *up_a
@@ -48,6 +67,7 @@ cdef extern from "ktmoe.h" nogil:
         const float *down_a
         const float *down_b
 
+    int kt_layer_set_weight(kt_layer *L, int part, int which, const kt_wmat *w, char *err)
     ctypedef struct kt_ctx:
         pass
     kt_ctx *kt_ctx_create()
@@ -66,8 +86,11 @@ cdef extern from "ktmoe.h" nogil:
     double kt_measure_peak_gflops(kt_engine *eng, double seconds)
     double kt_measure_read_gbps(kt_engine *eng, size_t nbytes)
 
-MAX_PARTS = 64
-ISA_LEVELS = tuple(kt_isa_name(i).decode() for i in range(4))
+MAX_PARTS = KT_MAX_PARTS
+ISA_LEVELS = tuple(kt_isa_name(i).decode() for i in range(KT_ISA_COUNT))  # every level the registry knows
+WEIGHT_FORMATS = {kt_format_name(i).decode(): i for i in range(KT_W_COUNT)}  # format name -> descriptor code
+FORMAT_BITS = {kt_format_name(i).decode(): kt_format_bits(i) for i in range(KT_W_COUNT)}
+SLOTS = tuple(kt_slot_name(i).decode() for i in range(KT_SLOT_COUNT))
 
 
 cdef int _raise(int rc, char *err) except -1:
@@ -87,12 +110,64 @@ def isa_active():
     return kt_isa_name(kt_isa_active()).decode()
 
 
-def isa_set(name):
-    """Selects an ISA level by name (capped at what the CPU supports); returns the level in use."""
+def _level_id(name):
     cdef int level = kt_isa_from_name(name.encode())
     if level < 0:
         raise ValueError(f"unknown ISA level {name!r}; valid: {', '.join(ISA_LEVELS)}")
-    return kt_isa_name(kt_isa_set(level)).decode()
+    return level
+
+
+def isa_set(name):
+    """Selects an ISA level by name; one this machine cannot run falls back along its parents. Returns the
+    level in use."""
+    return kt_isa_name(kt_isa_set(_level_id(name))).decode()
+
+
+def isa_levels():
+    """Every level of the registry: name, parent, built (the compiler had its flags), usable here (and why
+    not), chosen automatically when usable."""
+    cdef char why[160]
+    out = []
+    for i in range(KT_ISA_COUNT):
+        usable = kt_isa_usable(i, why, sizeof(why))
+        parent = kt_isa_parent(i)
+        out.append(dict(name=kt_isa_name(i).decode(), parent=kt_isa_name(parent).decode() if parent >= 0 else None,
+                        built=bool(kt_isa_built(i)), usable=bool(usable), why_not=why.decode() if not usable else "",
+                        auto=bool(kt_isa_auto(i))))
+    return out
+
+
+def amx_status():
+    """(detected: the CPU and XCR0 have AMX tiles, permitted: Linux granted the tile data permission)."""
+    cdef int detected = 0, permitted = 0
+    kt_amx_status(&detected, &permitted)
+    return bool(detected), bool(permitted)
+
+
+def slot_check(str level, str slot, str fmt, int M, int N, int K, int group=0, unsigned seed=0):
+    """Level `level`'s slot against the reference slot, operands on guard pages: the worst error relative
+    to the slot's tolerance (<= 1 passes) and the first problem found ("" when none)."""
+    cdef char err[512]
+    cdef int lv = _level_id(level)
+    if slot not in SLOTS:
+        raise ValueError(f"unknown slot {slot!r}; valid: {', '.join(SLOTS)}")
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; valid: {', '.join(WEIGHT_FORMATS)}")
+    cdef int sl = SLOTS.index(slot), fm = WEIGHT_FORMATS[fmt]
+    cdef double r
+    err[0] = 0
+    with nogil:
+        r = kt_slot_check(lv, sl, fm, M, N, K, group, seed, err)
+    if r < 0 and (r == KT_EINVAL or r == KT_ENOMEM):
+        _raise(<int>r, err)
+    return r, err.decode("utf-8", "replace")
+
+
+def tile_model_violations():
+    """(count, first message) of the tile model's rule violations since the last call."""
+    cdef char msg[200]
+    cdef long n = kt_tile_model_violations(msg, sizeof(msg))
+    return n, msg.decode()
 
 
 def cpu_features():
@@ -194,8 +269,8 @@ cdef class Layer:
 
     def __cinit__(self, int E, int k, int H, int I, int r, float lora_scale, part_i0):
         cdef int P = len(part_i0) - 1
-        if P < 1 or P > 64:
-            raise ValueError(f"number of TP parts must be in [1, 64], got {P}")
+        if P < 1 or P > KT_MAX_PARTS:
+            raise ValueError(f"number of TP parts must be in [1, {KT_MAX_PARTS}], got {P}")
         self.L.E = E
         self.L.k = k
         self.L.H = H
@@ -207,21 +282,16 @@ cdef class Layer:
             self.L.part_i0[p] = part_i0[p]
 
     def set_weight(self, int part, str which, int fmt, uintptr_t data, uintptr_t scale, uintptr_t zero,
-                   int rows, int cols, int row0, int col0, int group):
-        cdef kt_wmat *w
-        if which == "gate":
-            w = &self.L.gate[part]
-        elif which == "up":
-            w = &self.L.up[part]
-        elif which == "down":
-            w = &self.L.down[part]
-        else:
-            raise ValueError(which)
-        if part < 0 or part >= self.L.nparts:
-            raise ValueError(f"part {part} outside [0, {self.L.nparts})")
-        if group < 1 or cols % group != 0:
-            raise ValueError(f"group={group} must divide cols={cols}")
+                   int rows, int cols, int row0, int col0, int group, int block_rows=1):
+        """Binds one projection of one TP part; C checks the descriptor and leaves the layer as it was on error."""
+        cdef kt_wmat w
+        cdef char err[512]
+        cdef int which_id
+        if which not in ("gate", "up", "down"):
+            raise ValueError(f"which must be 'gate', 'up' or 'down', got {which!r}")
+        which_id = ("gate", "up", "down").index(which)
         w.fmt = fmt
+        w.layout = KT_L_ROWS
         w.data = <const void *>data
         w.scale = <const float *>scale
         w.zero = <const float *>zero
@@ -230,6 +300,11 @@ cdef class Layer:
         w.row0 = row0
         w.col0 = col0
         w.group = group
+        w.block_rows = block_rows
+        err[0] = 0
+        cdef int rc = kt_layer_set_weight(&self.L, part, which_id, &w, err)
+        if rc != KT_OK:
+            _raise(rc, err)
 
     def set_lora(self, int r, float scale, uintptr_t ga, uintptr_t gb, uintptr_t ua, uintptr_t ub, uintptr_t da, uintptr_t db):
         self.L.r = r

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import _core
 
-ISA_ENV = "KTMOE_ISA"            # cap the instruction-set level: portable, avx2, avx512, avx512bf16
+ISA_ENV = "KTMOE_ISA"            # the ISA level: portable, avx2, avx512, avx512bf16, amx, or amx-model (the tile model)
 TOPOLOGY_ENV = "KTMOE_TOPOLOGY"  # subpool CPU lists by hand, e.g. "0-7;8-15"
 
 _lock = threading.Lock()
@@ -47,16 +47,19 @@ _apply_isa_cap()
 def set_isa(level: Optional[str]) -> str:
     """Selects the ISA level (None: the best this CPU has, capped by $KTMOE_ISA). Returns the level used.
 
-    A level above what the CPU supports is capped to the best one available."""
+    A level this machine cannot run falls back along its parents (amx -> avx512bf16 -> avx512 -> avx2 ->
+    portable); "amx-model" (the AMX kernels over a C model of the tile unit) runs everywhere."""
     if level is None:
         return _apply_isa_cap()
+    if not isinstance(level, str):
+        raise TypeError(f"set_isa: level must be a level name or None, got {type(level).__name__}")
     return _core.isa_set(level)
 
 
 def available_isa_levels() -> List[str]:
-    """Levels this machine can run, lowest first."""
-    best = _core.ISA_LEVELS.index(_core.isa_detected())
-    return list(_core.ISA_LEVELS[: best + 1])
+    """Levels this machine can run, in registry order (portable first; amx-model, never picked
+    automatically, is one of them on every CPU)."""
+    return [lv["name"] for lv in _core.isa_levels() if lv["usable"]]
 
 
 def parse_cpu_list(text: str) -> List[int]:
@@ -181,6 +184,8 @@ def cpu_info() -> dict:
         "isa_active": _core.isa_active(),
         "isa_cap_env": os.environ.get(ISA_ENV) or None,
         "isa_levels": available_isa_levels(),
+        "amx": dict(zip(("detected", "permitted"), _core.amx_status()), active=_core.isa_active() == "amx"),
+        "levels": _core.isa_levels(),
         "allowed_cpus": allowed_cpus(),
         "numa_nodes": numa_nodes(),
         "engines": [

@@ -1,6 +1,6 @@
 /* The engine runs every task exactly once, in rounds when a list holds more tasks than one claim word
  * counts (KT_TASK_BITS is shrunk to 2 for this build). Built and run by tests/test_engine.py. */
-#include "ops.h"
+#include "core/internal.h"
 #include <stdio.h>
 #include <stdatomic.h>
 static atomic_int hits[1000];

@@ -1,4 +1,5 @@
-/* Standalone correctness + speed harness for src/ktmoe/kernels/gemm_avx512bf16.h.
+/* Standalone correctness + speed harness for src/ktmoe/kernels/isa/avx512bf16/gemm.h (single-core GFLOP/s of
+ * the micro-kernels; the correctness of every level's slots is tests/test_slots.py).
  *
  *   gcc -O3 -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mfma -I src/ktmoe/kernels \
  *       tests/native/test_gemm_avx512bf16.c -o /tmp/test_gemm_avx512bf16 && taskset -c 1 /tmp/test_gemm_avx512bf16
@@ -20,7 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "gemm_avx512bf16.h"
+#include "isa/avx512bf16/gemm.h"
 
 /* ---------------------------------------------------------------- guarded allocations */
 typedef struct {

@@ -1,15 +1,17 @@
-/* ktmoe native layer: the C API the Cython module binds.
+/* ktmoe native layer: the C API the Cython module binds, and the enums and limits Python reads from it
+ * (nothing here is mirrored by hand on the Python side).
  *
- * Layers of the native code (each file depends only on the ones above it):
- *   cpu.c        ISA detection (CPUID + XGETBV), the level cap, the active ops table
- *   engine.c     the process-wide thread pool, split into subpools ("parts") for tensor parallelism
- *   gemm_*.h     GEMM micro-kernels, one header per instruction set
- *   stages.inc.c the MoE expert stages; compiled once per ISA level by isa_<level>.c
- *   moe.c        layer + per-call context objects, the routing plan, the stage entry points
+ * The parts of the native code (each depends only on the ones above it):
+ *   base.h, ktmoe.h, slots.h     scalar helpers; this API; the slot contract every ISA level fills
+ *   formats/                     bytes -> values: one traits row per weight format, portable decode
+ *   ref/                         a scalar reference for every slot (conformance tests)
+ *   generic/                     vectorizable C for every slot, compiled per level with that level's flags
+ *   isa/<level>/                 what a level overrides (avx512bf16 kernels, AMX tiles, the tile model)
+ *   moe/                         the MoE algorithm: routing-plan driven stages, calls slots only
+ *   core/                        cpu detection, the level registry, the engine, entry points, probes
  *
  * Every entry point returns 0 on success or a negative KT_E* code with a message in `err`; nothing aborts
- * the process on user input.
- */
+ * the process on user input. */
 #ifndef KTMOE_H
 #define KTMOE_H
 
@@ -28,16 +30,33 @@ extern "C" {
 #define KT_MAX_PARTS 64
 #define KT_ERRLEN 512
 
-/* ---- ISA levels, lowest to highest. ---- */
-enum kt_isa { KT_ISA_PORTABLE = 0, KT_ISA_AVX2 = 1, KT_ISA_AVX512 = 2, KT_ISA_AVX512BF16 = 3, KT_ISA_COUNT = 4 };
+/* ---- ISA levels: the registry, one row per level (enum suffix, C name, name), lowest first and the tile
+ * levels last. Each level has a parent whose slots it inherits (its row in isa/<c name>/level.c says
+ * which); amx-model inherits from the best usable level without tiles, so it runs on every x86-64 CPU, and
+ * is never chosen automatically. ---- */
+#define KT_LEVEL_LIST(X)                    \
+    X(PORTABLE, portable, "portable")       \
+    X(AVX2, avx2, "avx2")                   \
+    X(AVX512, avx512, "avx512")             \
+    X(AVX512BF16, avx512bf16, "avx512bf16") \
+    X(AMX_MODEL, amx_model, "amx-model")    \
+    X(AMX, amx, "amx")
+#define KT_ISA_ENUM_ROW(id, c, name) KT_ISA_##id,
+enum kt_isa { KT_LEVEL_LIST(KT_ISA_ENUM_ROW) KT_ISA_COUNT };
 
-int kt_isa_detected(void);                 /* best level this CPU + OS supports */
+int kt_isa_detected(void);                 /* best level chosen automatically on this CPU + OS */
 int kt_isa_active(void);                   /* level in use */
-int kt_isa_set(int level);                 /* choose a level <= detected; returns the level set */
+int kt_isa_set(int level);                 /* a usable level; an unusable one falls back along its parents */
 const char *kt_isa_name(int level);
 int kt_isa_from_name(const char *name);    /* -1 when unknown */
+int kt_isa_parent(int level);              /* -1 for the root */
+int kt_isa_built(int level);               /* compiled into this module (the compiler had its flags) */
+int kt_isa_usable(int level, char *why, size_t len); /* 1 when this machine runs it; else why not */
+int kt_isa_auto(int level);                /* picked automatically when usable */
 void kt_cpu_features(char *buf, size_t len); /* "avx2 fma avx512f ..." as found by CPUID */
 const char *kt_cpu_brand(void);
+/* AMX: the CPU has the tile unit (CPUID + XCR0), Linux granted the tile data permission. */
+void kt_amx_status(int *detected, int *permitted);
 
 /* ---- Engine: one pool of threads split into parts; thread 0 of part 0 is the calling thread. ---- */
 typedef struct kt_engine kt_engine;
@@ -53,22 +72,35 @@ int kt_engine_part_copy(kt_engine *eng, int part, void *dst, const void *src, si
                         size_t n_inner, ptrdiff_t src_inner, size_t row_bytes);
 int kt_engine_parts(const kt_engine *eng);
 
-/* ---- Frozen weights of one projection for all experts: [E, rows, cols], out x in. ----
- * Quantized formats keep one scale (and for _1 formats one zero) per group of `group` columns of a row:
+/* ---- The weight descriptor: frozen weights of one projection for all experts, [E, rows, cols], out x in.
+ * Codes are stored along cols (layout KT_L_ROWS). Quantized formats keep one fp32 scale (and for _1
+ * formats one fp32 zero) per block of block_rows x group codes:
  *   INT8:   w = scale * q,            q int8, one byte per weight
  *   INT4:   w = scale * (n - 8),      n in [0, 15], two per byte, low nibble first
  *   INT4_1: w = scale * n + zero,     n in [0, 15], two per byte, low nibble first
- * group == cols is one scale per row; group < cols is the K-group variant. */
-enum kt_wfmt { KT_W_BF16 = 0, KT_W_INT8 = 1, KT_W_INT4 = 2, KT_W_INT4_1 = 3 };
+ * group == cols is one scale per row; group < cols is the K-group variant. Scales are laid out
+ * [E, ceil(rows / block_rows), ceil(cols / group)]. ---- */
+enum kt_wfmt { KT_W_BF16 = 0, KT_W_INT8 = 1, KT_W_INT4 = 2, KT_W_INT4_1 = 3, KT_W_COUNT = 4 };
+enum kt_wlayout { KT_L_ROWS = 0, KT_L_COUNT = 1 };
 typedef struct {
-    int fmt;
+    int fmt, layout;
     const void *data;      /* the whole [E, rows, cols] tensor */
-    const float *scale;    /* [E, rows, cols / group]; NULL for bf16 */
+    const float *scale;    /* see above; NULL for bf16 */
     const float *zero;     /* same shape; INT4_1 only */
     int rows, cols;        /* of one expert's matrix */
     int row0, col0;        /* where this TP part's view starts */
-    int group;             /* columns per scale group */
+    int group;             /* codes per scale block along cols */
+    int block_rows;        /* rows per scale block (1: a scale per row or row group) */
 } kt_wmat;
+
+/* The format table Python reads: name, bits per weight, whether it has scales / zeros. -1 / NULL when
+ * fmt is unknown. */
+const char *kt_format_name(int fmt);
+int kt_format_bits(int fmt);
+int kt_format_has_scale(int fmt);
+int kt_format_has_zero(int fmt);
+/* Checks a descriptor (format, layout, sizes, scales present) for a layer with `E` experts. */
+int kt_wmat_check(const kt_wmat *w, int E, char *err);
 
 /* ---- A layer: dims, the frozen weights of each TP part, the LoRA tensors (fp32, full, read in place). ---- */
 typedef struct {
@@ -79,6 +111,10 @@ typedef struct {
     kt_wmat gate[KT_MAX_PARTS], up[KT_MAX_PARTS], down[KT_MAX_PARTS]; /* views start at the part's slice */
     const float *gate_a, *gate_b, *up_a, *up_b, *down_a, *down_b;     /* NULL: no LoRA */
 } kt_layer;
+
+/* Sets projection `which` (0 gate, 1 up, 2 down) of TP part `part`, after kt_wmat_check and a check that
+ * the view lies inside the matrix and fits the layer's dims. The layer is unchanged on error. */
+int kt_layer_set_weight(kt_layer *L, int part, int which, const kt_wmat *w, char *err);
 
 /* ---- One call's routing plan and the activations saved for backward. Opaque. ---- */
 typedef struct kt_ctx kt_ctx;
@@ -109,10 +145,24 @@ void kt_profile_enable(int on);
 int kt_profile_read(int i, const char **name, double *seconds, double *cpu_seconds, long *calls);
 void kt_profile_reset(void);
 
-/* Peak of the active ISA's multiply-accumulate loop on all engine threads, GFLOP/s. */
+/* Peak of the active level's multiply-accumulate loop on all engine threads, GFLOP/s. */
 double kt_measure_peak_gflops(kt_engine *eng, double seconds);
 /* Read bandwidth over `bytes` of memory on all engine threads, GB/s. */
 double kt_measure_read_gbps(kt_engine *eng, size_t bytes);
+
+/* ---- Slot conformance: level `level`'s slot `slot` against the reference, operands ending at guard
+ * pages. Returns the worst error over the case relative to the tolerance (<= 1 passes), or a negative
+ * KT_E* code with `err` saying why (e.g. the level is not usable here). `fmt` names the weight format of
+ * the decode / prepared-operand slots. */
+enum kt_slot_id {
+    KT_SLOT_GEMM_NT = 0, KT_SLOT_GEMM_NT_F32 = 1, KT_SLOT_GEMM_NN = 2, KT_SLOT_DECODE = 3,
+    KT_SLOT_BOP_NT = 4, KT_SLOT_BOP_NN = 5, KT_SLOT_OUTER_F32 = 6, KT_SLOT_OUTER_BF16 = 7,
+    KT_SLOT_ACT_FWD = 8, KT_SLOT_ACT_BWD = 9, KT_SLOT_COUNT = 10
+};
+const char *kt_slot_name(int slot);
+double kt_slot_check(int level, int slot, int fmt, int M, int N, int K, int group, unsigned seed, char *err);
+/* The tile model's rule violations since the last call (0: none); the first one's text in `msg`. */
+long kt_tile_model_violations(char *msg, size_t len);
 
 #ifdef __cplusplus
 }

@@ -1,12 +1,12 @@
-/* Layer-independent entry points: the per-call context, the routing plan, argument checks, and the calls
- * into the active ISA's stages. */
+/* The entry points: the per-call context, the routing plan, argument checks, weight binding, and the
+ * calls into the active level's algorithm. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-#include "ops.h"
+#include "internal.h"
 
 kt_ctx *kt_ctx_create(void) { return calloc(1, sizeof(kt_ctx)); }
 
@@ -45,6 +45,43 @@ static int check_layer(const kt_layer *L, char *err) {
         snprintf(err, KT_ERRLEN, "TP slices must cover [0, %d)", L->I);
         return KT_EINVAL;
     }
+    return KT_OK;
+}
+
+int kt_layer_set_weight(kt_layer *L, int part, int which, const kt_wmat *w, char *err) {
+    static const char *const names[3] = {"gate", "up", "down"};
+    if (which < 0 || which > 2) {
+        snprintf(err, KT_ERRLEN, "projection index %d is not 0 (gate), 1 (up) or 2 (down)", which);
+        return KT_EINVAL;
+    }
+    if (part < 0 || part >= L->nparts) {
+        snprintf(err, KT_ERRLEN, "TP part %d outside [0, %d)", part, L->nparts);
+        return KT_EINVAL;
+    }
+    int rc = kt_wmat_check(w, L->E, err);
+    if (rc) return rc;
+    /* the part's view: gate/up rows [i0, i1) of [I, H]; down columns [i0, i1) of [H, I] (or the part's own
+     * slice copy, starting at 0) */
+    int Ip = L->part_i0[part + 1] - L->part_i0[part];
+    int need_r = which < 2 ? Ip : L->H, need_c = which < 2 ? L->H : Ip;
+    if (w->row0 + need_r > w->rows || w->col0 + need_c > w->cols || (which < 2 ? w->cols != L->H : w->rows != L->H)) {
+        snprintf(err, KT_ERRLEN, "%s weights of part %d: a %d x %d view at (%d, %d) does not fit the %d x %d matrix "
+                 "of a layer with H=%d and a %d-column slice", names[which], part, need_r, need_c, w->row0, w->col0,
+                 w->rows, w->cols, L->H, Ip);
+        return KT_EINVAL;
+    }
+    kt_wmat *dst = which == 0 ? &L->gate[part] : which == 1 ? &L->up[part] : &L->down[part];
+    *dst = *w;
+    return KT_OK;
+}
+
+/* Every part's three projections were set (a layer used before its weights are bound fails cleanly). */
+static int check_weights(const kt_layer *L, char *err) {
+    for (int p = 0; p < L->nparts; p++)
+        if (!L->gate[p].data || !L->up[p].data || !L->down[p].data) {
+            snprintf(err, KT_ERRLEN, "weights of TP part %d are not set", p);
+            return KT_ESTATE;
+        }
     return KT_OK;
 }
 
@@ -164,6 +201,7 @@ int kt_forward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *x, in
                int out_is_f32, int save_for_backward, char *err) {
     int rc = check_layer(L, err);
     if (!rc) rc = check_plan(ctx, L, err);
+    if (!rc) rc = check_weights(L, err);
     if (rc) return rc;
     if (L->nparts != kt_engine_parts(eng)) {
         snprintf(err, KT_ERRLEN, "layer has %d TP parts but the engine has %d subpools", L->nparts,
@@ -173,8 +211,10 @@ int kt_forward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *x, in
     ctx->saved = 0;
     rc = alloc_activations(ctx, save_for_backward, err);
     if (rc) return rc;
+    const kt_slots *S = kt_slots_active();
     kt_engine_lock(eng);
-    rc = kt_ops_active->forward(ctx, L, eng, x, x_is_f32, out, out_is_f32, err);
+    kt_engine_set_thread_init(eng, S->thread_init);
+    rc = S->forward(S, ctx, L, eng, x, x_is_f32, out, out_is_f32, err);
     kt_engine_unlock(eng);
     ctx->saved = (rc == KT_OK) && save_for_backward;
     return rc;
@@ -184,6 +224,7 @@ int kt_backward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *dy, 
                 int dx_is_f32, float *dw, float *const grads[6], char *err) {
     int rc = check_layer(L, err);
     if (!rc) rc = check_plan(ctx, L, err);
+    if (!rc) rc = check_weights(L, err);
     if (rc) return rc;
     if (!ctx->saved) {
         snprintf(err, KT_ERRLEN, "backward() needs a forward run with save_for_backward=True");
@@ -193,133 +234,11 @@ int kt_backward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *dy, 
         snprintf(err, KT_ERRLEN, "LoRA gradients requested without LoRA weights");
         return KT_ESTATE;
     }
+    const kt_slots *S = kt_slots_active();
     kt_engine_lock(eng);
-    rc = kt_ops_active->backward(ctx, L, eng, dy, dy_is_f32, dx, dx_is_f32, dw, grads, err);
+    kt_engine_set_thread_init(eng, S->thread_init);
+    rc = S->backward(S, ctx, L, eng, dy, dy_is_f32, dx, dx_is_f32, dw, grads, err);
     kt_engine_unlock(eng);
     return rc;
 }
 
-/* ---- stage profile ---- */
-
-#define KT_PROFILE_SLOTS 32
-static struct { const char *name; double seconds, cpu; long calls; } profile[KT_PROFILE_SLOTS];
-static int profile_on, profile_n;
-
-double kt_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-void kt_profile_enable(int on) { profile_on = on; }
-int kt_profile_on(void) { return profile_on; }
-void kt_profile_reset(void) { profile_n = 0; }
-
-/* Called by the calling thread only (between dispatches), so no locking. */
-void kt_profile_add(const char *stage, double seconds, double cpu_seconds) {
-    if (!profile_on) return;
-    int i = 0;
-    while (i < profile_n && strcmp(profile[i].name, stage) != 0) i++;
-    if (i == profile_n) {
-        if (profile_n == KT_PROFILE_SLOTS) return;
-        profile[profile_n].name = stage;
-        profile[profile_n].seconds = 0;
-        profile[profile_n].cpu = 0;
-        profile[profile_n].calls = 0;
-        profile_n++;
-    }
-    profile[i].seconds += seconds;
-    profile[i].cpu += cpu_seconds;
-    profile[i].calls++;
-}
-
-int kt_profile_read(int i, const char **name, double *seconds, double *cpu_seconds, long *calls) {
-    if (i < 0 || i >= profile_n) return profile_n;
-    *name = profile[i].name;
-    *seconds = profile[i].seconds;
-    *cpu_seconds = profile[i].cpu;
-    *calls = profile[i].calls;
-    return profile_n;
-}
-
-/* ---- machine measurements for the benchmark ---- */
-
-#define seconds_now kt_now
-
-typedef struct { long iters; double flops[1024]; } peak_arg;
-
-static void peak_task(void *arg, int part, int task, int tid) {
-    (void)part;
-    (void)task;
-    peak_arg *a = arg;
-    a->flops[tid & 1023] += kt_ops_active->peak_loop(a->iters);
-}
-
-double kt_measure_peak_gflops(kt_engine *eng, double seconds) {
-    kt_isa_active();
-    int nt = kt_engine_threads(eng);
-    peak_arg *a = calloc(1, sizeof *a);
-    if (!a) return 0;
-    a->iters = 1 << 16;
-    double best = 0;
-    double deadline = seconds_now() + seconds;
-    while (seconds_now() < deadline) {
-        memset(a->flops, 0, sizeof a->flops);
-        double t0 = seconds_now();
-        kt_run_all(eng, nt, peak_task, a);
-        double dt = seconds_now() - t0;
-        if (dt < 0.02) {
-            a->iters *= 2;
-            continue;
-        }
-        double total = 0;
-        for (int i = 0; i < nt && i < 1024; i++) total += a->flops[i];
-        if (total / dt > best) best = total / dt;
-    }
-    free(a);
-    return best * 1e-9;
-}
-
-typedef struct { const float *buf; size_t n_per_task; double sink[1024]; } bw_arg;
-
-static void bw_task(void *arg, int part, int task, int tid) {
-    (void)part;
-    bw_arg *a = arg;
-    const float *p = a->buf + (size_t)task * a->n_per_task;
-    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    for (size_t i = 0; i + 16 <= a->n_per_task; i += 16) {
-        s0 += p[i];
-        s1 += p[i + 4];
-        s2 += p[i + 8];
-        s3 += p[i + 12];
-    }
-    a->sink[tid & 1023] += s0 + s1 + s2 + s3;
-}
-
-/* Touches one float per 16 (one per 64-byte line): the cost is the line fetches, i.e. read bandwidth. */
-double kt_measure_read_gbps(kt_engine *eng, size_t bytes) {
-    int ntasks = 64 * kt_engine_threads(eng);
-    size_t n = bytes / sizeof(float);
-    n -= n % ((size_t)ntasks * 16);
-    float *buf = NULL;
-    if (n == 0 || posix_memalign((void **)&buf, 64, n * sizeof(float))) return 0;
-    for (size_t i = 0; i < n; i++) buf[i] = 1.0f;
-    bw_arg *a = calloc(1, sizeof *a);
-    if (!a) {
-        free(buf);
-        return 0;
-    }
-    a->buf = buf;
-    a->n_per_task = n / (size_t)ntasks;
-    double best = 0;
-    for (int rep = 0; rep < 5; rep++) {
-        double t0 = seconds_now();
-        kt_run_all(eng, ntasks, bw_task, a);
-        double dt = seconds_now() - t0;
-        double gbps = (double)(n * sizeof(float)) / dt * 1e-9;
-        if (gbps > best) best = gbps;
-    }
-    free(a);
-    free(buf);
-    return best;
-}

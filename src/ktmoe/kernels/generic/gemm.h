@@ -1,9 +1,9 @@
-/* Portable GEMM micro-kernels (contract in gemm.h), written so the compiler vectorizes them for whatever
- * -m flags the including translation unit was built with (plain C, AVX2+FMA, AVX-512F). */
-#ifndef KTMOE_GEMM_GENERIC_H
-#define KTMOE_GEMM_GENERIC_H
+/* The GEMM slots in portable C (contract in slots.h), written so the compiler vectorizes them for whatever
+ * -m flags the including level was built with (plain C, AVX2+FMA, AVX-512F). */
+#ifndef KTMOE_GENERIC_GEMM_H
+#define KTMOE_GENERIC_GEMM_H
 
-#include "gemm.h"
+#include "../base.h"
 
 static inline float kt_b_at(const void *b, int b_is_f32, size_t i) {
     return b_is_f32 ? ((const float *)b)[i] : kt_bf(((const bf16_t *)b)[i]);

@@ -1,17 +1,15 @@
-/* ISA detection (CPUID + XGETBV) and the choice of the active kernel table. */
+/* CPU detection (CPUID + XGETBV), the Linux AMX permission request, and the usability test of each level. */
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
 
 #include "ktmoe.h"
-#include "ops.h"
+#include "cpu.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #define KT_X86 1
 #endif
-
-static const char *const isa_names[KT_ISA_COUNT] = {"portable", "avx2", "avx512", "avx512bf16"};
 
 typedef struct {
     int avx2, fma, f16c, avx512f, avx512bw, avx512vl, avx512dq, avx512bf16, avx512vnni, amx_tile, amx_bf16,
@@ -76,49 +74,74 @@ static void detect(void) {
     flags_ready = 1;
 }
 
-int kt_isa_detected(void) {
+/* ---- what each level needs (the registry's usability tests) ---- */
+
+static int why_not(char *why, size_t len, const char *text) {
+    if (why && len) snprintf(why, len, "%s", text);
+    return 0;
+}
+
+int kt_cpu_usable_avx2(char *why, size_t len) {
     detect();
-    int avx2 = flags.avx2 && flags.fma && flags.os_ymm;
-    int avx512 = avx2 && flags.avx512f && flags.avx512bw && flags.avx512vl && flags.avx512dq && flags.os_zmm;
-    if (avx512 && flags.avx512bf16) return KT_ISA_AVX512BF16;
-    if (avx512) return KT_ISA_AVX512;
-    if (avx2) return KT_ISA_AVX2;
-    return KT_ISA_PORTABLE;
+    if (!(flags.avx2 && flags.fma && flags.f16c)) return why_not(why, len, "the CPU lacks AVX2, FMA or F16C");
+    if (!flags.os_ymm) return why_not(why, len, "the OS does not enable the YMM state");
+    return 1;
 }
 
-static const kt_ops *ops_for(int level) {
-    switch (level) {
-    case KT_ISA_AVX512BF16: return &kt_ops_avx512bf16;
-    case KT_ISA_AVX512: return &kt_ops_avx512;
-    case KT_ISA_AVX2: return &kt_ops_avx2;
-    default: return &kt_ops_portable;
-    }
+int kt_cpu_usable_avx512(char *why, size_t len) {
+    detect();
+    if (!(flags.avx512f && flags.avx512bw && flags.avx512vl && flags.avx512dq))
+        return why_not(why, len, "the CPU lacks AVX-512 F/BW/VL/DQ");
+    if (!flags.os_zmm) return why_not(why, len, "the OS does not enable the ZMM state");
+    return 1;
 }
 
-static int active_level = -1;
-const kt_ops *kt_ops_active;
-
-int kt_isa_set(int level) {
-    int best = kt_isa_detected();
-    if (level < 0 || level > best) level = best;
-    active_level = level;
-    kt_ops_active = ops_for(level);
-    return level;
+int kt_cpu_usable_avx512bf16(char *why, size_t len) {
+    detect();
+    if (!flags.avx512bf16) return why_not(why, len, "the CPU lacks AVX512_BF16");
+    return 1;
 }
 
-int kt_isa_active(void) {
-    if (active_level < 0) kt_isa_set(-1);
-    return active_level;
+#if defined(__linux__) && defined(KT_X86)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define KT_ARCH_GET_XCOMP_PERM 0x1022
+#define KT_ARCH_REQ_XCOMP_PERM 0x1023
+#define KT_XFEATURE_XTILEDATA 18
+#endif
+
+/* Linux hands out the tile data state only on request, once per process; asked once, before any tile
+ * instruction. A refusal drops the level (with one line on stderr), never an illegal instruction. */
+static int amx_permitted = -1;
+
+static int request_amx_permission(void) {
+    if (amx_permitted >= 0) return amx_permitted;
+    amx_permitted = 0;
+#if defined(__linux__) && defined(KT_X86) && defined(SYS_arch_prctl)
+    unsigned long mask = 0;
+    if (syscall(SYS_arch_prctl, KT_ARCH_REQ_XCOMP_PERM, KT_XFEATURE_XTILEDATA) == 0 &&
+        syscall(SYS_arch_prctl, KT_ARCH_GET_XCOMP_PERM, &mask) == 0)
+        amx_permitted = (mask >> KT_XFEATURE_XTILEDATA) & 1;
+    if (!amx_permitted)
+        fprintf(stderr, "ktmoe: the CPU has AMX but Linux refused the tile data permission; AMX is not used\n");
+#endif
+    return amx_permitted;
 }
 
-const char *kt_isa_name(int level) {
-    return (level >= 0 && level < KT_ISA_COUNT) ? isa_names[level] : "unknown";
+static int amx_detected(void) {
+    detect();
+    return flags.amx_tile && flags.amx_bf16 && flags.amx_int8 && flags.os_amx;
 }
 
-int kt_isa_from_name(const char *name) {
-    for (int i = 0; i < KT_ISA_COUNT; i++)
-        if (strcasecmp(name, isa_names[i]) == 0) return i;
-    return -1;
+int kt_cpu_usable_amx(char *why, size_t len) {
+    if (!amx_detected()) return why_not(why, len, "the CPU (or the OS's XCR0) has no AMX tiles");
+    if (!request_amx_permission()) return why_not(why, len, "Linux refused the AMX tile data permission");
+    return 1;
+}
+
+void kt_amx_status(int *detected, int *permitted) {
+    *detected = amx_detected();
+    *permitted = *detected ? request_amx_permission() : 0;
 }
 
 const char *kt_cpu_brand(void) {

@@ -1,9 +1,9 @@
-/* Internal interfaces shared by the native sources (not seen by Cython). */
-#ifndef KTMOE_OPS_H
-#define KTMOE_OPS_H
+/* Internal interfaces shared by the native sources (not seen by Cython): buffers, the engine's task API,
+ * the stage profile, and the per-call context. */
+#ifndef KTMOE_CORE_INTERNAL_H
+#define KTMOE_CORE_INTERNAL_H
 
-#include "gemm.h"
-#include "ktmoe.h"
+#include "../slots.h"
 
 /* ---- growable buffers ---- */
 typedef struct { void *ptr; size_t size; } kt_buffer;
@@ -49,18 +49,8 @@ struct kt_ctx {
     kt_buffer plan_buf, act_buf;
 };
 
-/* ---- one ISA level's implementation of the stages ---- */
-typedef struct {
-    const char *name;
-    int (*forward)(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *x, int x_is_f32, void *out,
-                   int out_is_f32, char *err);
-    int (*backward)(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *dy, int dy_is_f32, void *dx,
-                    int dx_is_f32, float *dw, float *const grads[6], char *err);
-    /* One thread's multiply-accumulate loop for `iters` iterations; returns FLOPs done. */
-    double (*peak_loop)(long iters);
-} kt_ops;
-
-extern const kt_ops kt_ops_portable, kt_ops_avx2, kt_ops_avx512, kt_ops_avx512bf16;
-extern const kt_ops *kt_ops_active;
+/* The active level's per-thread init hook for the next jobs of this engine (tile configuration); each
+ * thread runs it once before its first task under it. */
+void kt_engine_set_thread_init(kt_engine *eng, void (*fn)(void));
 
 #endif

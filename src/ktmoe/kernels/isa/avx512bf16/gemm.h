@@ -1,4 +1,4 @@
-/* AVX-512-BF16 GEMM micro-kernels (contract in gemm.h), written for and tuned on AMD Zen 4 (no AMX).
+/* AVX-512-BF16 GEMM micro-kernels (the gemm_nt / gemm_nn slots, contract in slots.h), written for and tuned on AMD Zen 4 (no AMX).
  *
  * Built with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mfma (no -march), gcc >= 12.
  *
@@ -28,10 +28,10 @@
  * Note: gcc fuses "extract 128-bit lane + masked 128-bit store" into vextractf32x4 m128{k}, and on Zen 4
  * that instruction faults on masked-out elements at a page boundary; the masked C stores are kept vmovups.
  */
-#ifndef KTMOE_GEMM_AVX512BF16_H
-#define KTMOE_GEMM_AVX512BF16_H
+#ifndef KTMOE_AVX512BF16_GEMM_H
+#define KTMOE_AVX512BF16_GEMM_H
 
-#include "gemm.h"
+#include "../../base.h"
 
 #include <immintrin.h>
 

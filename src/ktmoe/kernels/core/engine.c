@@ -17,7 +17,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "ops.h"
+#include "internal.h"
 
 #define SPIN_NS 300000 /* how long an idle worker polls before sleeping */
 
@@ -48,6 +48,7 @@ struct kt_engine {
     atomic_uint_fast64_t next[KT_MAX_PARTS]; /* job:24 | count:20 | next:20 */
     atomic_int finished;
     int total;
+    void (*thread_init)(void); /* the active level's per-thread hook (tile configuration), or NULL */
     int profile;            /* measure each task's thread CPU time */
     double *task_cpu;       /* per thread, 8 doubles apart (no false sharing) */
 };
@@ -88,9 +89,16 @@ static long long now_ns(void) {
 
 /* The list index is passed as the task's part: in shared mode tasks ignore it, and a worker that read a
  * stale mode still runs a claimed task with the right part. */
+static __thread void (*thread_inited)(void); /* the hook this thread has run */
+
 static void work(kt_engine *eng, int tid, int part, unsigned job) {
     int list = eng->shared_list ? 0 : part;
     int t;
+    void (*init)(void) = eng->thread_init;
+    if (init && thread_inited != init) {
+        init();
+        thread_inited = init;
+    }
     while ((t = claim(eng, list, job)) >= 0) {
         if (eng->profile) {
             struct timespec a, b;
@@ -321,6 +329,8 @@ void kt_engine_destroy(kt_engine *eng) {
 int kt_engine_threads(const kt_engine *eng) { return eng->nthreads; }
 
 void kt_engine_profile(kt_engine *eng, int on) { eng->profile = on; }
+
+void kt_engine_set_thread_init(kt_engine *eng, void (*fn)(void)) { eng->thread_init = fn; }
 
 /* CPU seconds spent in tasks, summed over threads, since the last call. */
 double kt_engine_task_cpu(kt_engine *eng) {

@@ -1,9 +1,9 @@
-/* Multiply-add peak loop for levels without a bf16 dot instruction: fp32 FMA, vectorized by the compiler
- * at the including file's ISA width. */
-#ifndef KTMOE_PEAK_GENERIC_H
-#define KTMOE_PEAK_GENERIC_H
+/* Multiply-add peak loop for levels without a dot-product instruction: fp32 FMA, vectorized by the
+ * compiler at the including level's width. */
+#ifndef KTMOE_GENERIC_PEAK_H
+#define KTMOE_GENERIC_PEAK_H
 
-static double peak_loop_fma(long iters) {
+static double kt_peak_fma(long iters) {
     float acc[8][16], mul = 0.999999f, add = 1e-7f;
     for (int a = 0; a < 8; a++)
         for (int l = 0; l < 16; l++) acc[a][l] = (float)(a + l);

@@ -1,0 +1,333 @@
+/* Slot conformance: one level's slot against the reference (ref/), on operands that end exactly at a
+ * PROT_NONE guard page (a read or write past the end faults), with C padding that must stay untouched.
+ * Driven from pytest (tests/test_slots.py) over every usable level, every slot and edge shapes. */
+#define _GNU_SOURCE
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "../ref/ref.h"
+#include "internal.h"
+
+static const char *const slot_names[KT_SLOT_COUNT] = {"gemm_nt", "gemm_nt_f32", "gemm_nn", "decode", "bop_nt",
+                                                       "bop_nn", "outer_f32", "outer_bf16", "act_fwd", "act_bwd"};
+
+const char *kt_slot_name(int slot) { return slot >= 0 && slot < KT_SLOT_COUNT ? slot_names[slot] : NULL; }
+
+/* ---- guarded memory: p[0, bytes) readable and writable, p + bytes the start of a PROT_NONE page ---- */
+typedef struct { void *base; size_t len; } region;
+#define MAX_REGIONS 600
+typedef struct { region r[MAX_REGIONS]; int n; int failed; } arena;
+
+static void *guarded(arena *A, size_t bytes) {
+    if (A->n == MAX_REGIONS) {
+        A->failed = 1;
+        return NULL;
+    }
+    size_t page = (size_t)sysconf(_SC_PAGESIZE), data = (bytes + page - 1) / page * page, len = data + page;
+    char *base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED || mprotect(base + data, page, PROT_NONE)) {
+        A->failed = 1;
+        return NULL;
+    }
+    A->r[A->n].base = base;
+    A->r[A->n].len = len;
+    A->n++;
+    return base + data - bytes;
+}
+
+static void arena_free(arena *A) {
+    for (int i = 0; i < A->n; i++) munmap(A->r[i].base, A->r[i].len);
+    A->n = 0;
+}
+
+/* ---- random data ---- */
+static uint64_t rng_next(uint64_t *s) {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return *s;
+}
+static float rng_val(uint64_t *s) { return (float)((double)(rng_next(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0); }
+
+static bf16_t *bf16_array(arena *A, uint64_t *s, size_t n) {
+    bf16_t *p = guarded(A, sizeof(bf16_t) * (n ? n : 1));
+    if (p)
+        for (size_t i = 0; i < n; i++) p[i] = kt_round_bf16(rng_val(s));
+    return p;
+}
+static float *f32_array(arena *A, uint64_t *s, size_t n, float scale) {
+    float *p = guarded(A, sizeof(float) * (n ? n : 1));
+    if (p)
+        for (size_t i = 0; i < n; i++) p[i] = scale * rng_val(s);
+    return p;
+}
+/* M rows of K bf16, each ending at its own guard page */
+static const bf16_t **a_rows(arena *A, uint64_t *s, int M, int K) {
+    const bf16_t **rows = guarded(A, sizeof(bf16_t *) * (size_t)M);
+    if (rows)
+        for (int m = 0; m < M; m++) rows[m] = bf16_array(A, s, (size_t)K);
+    return rows;
+}
+
+#define PAD 3
+#define SENTINEL -777.0f
+
+static float *c_block(arena *A, int M, int N) {
+    size_t n = (size_t)M * (N + PAD);
+    float *c = guarded(A, sizeof(float) * (n ? n : 1));
+    if (c)
+        for (size_t i = 0; i < n; i++) c[i] = (i % (size_t)(N + PAD)) < (size_t)N ? NAN : SENTINEL;
+    return c;
+}
+
+/* worst |got - want| / (rtol * mag + atol) over an M x N result; padding must be untouched. */
+static double compare(const float *c, size_t ldc, int M, int N, const double *want, const double *mag, double rtol,
+                      double atol, const char *what, char *err) {
+    double worst = 0;
+    for (int m = 0; m < M; m++) {
+        for (int n = 0; n < N; n++) {
+            double got = c[(size_t)m * ldc + n], w = want[(size_t)m * N + n];
+            double r = fabs(got - w) / (rtol * mag[(size_t)m * N + n] + atol);
+            if (!(r <= worst)) { /* NaN counts as the worst */
+                if (!(r <= 1) && !(worst > 1))
+                    snprintf(err, KT_ERRLEN, "%s wrong at (%d, %d): %.9g, reference %.9g", what, m, n, got, w);
+                worst = isnan(r) ? INFINITY : r;
+            }
+        }
+        for (size_t n = (size_t)N; n < ldc; n++)
+            if (c[(size_t)m * ldc + n] != SENTINEL) {
+                snprintf(err, KT_ERRLEN, "%s wrote past column %d (row %d)", what, N, m);
+                return INFINITY;
+            }
+    }
+    return worst;
+}
+
+/* ---- weights of format fmt: E = 2 experts of rows x cols, random codes and scales ---- */
+static int make_weights(arena *A, uint64_t *s, int fmt, int rows, int cols, int group, kt_wmat *w) {
+    memset(w, 0, sizeof *w);
+    w->fmt = fmt;
+    w->layout = KT_L_ROWS;
+    w->rows = rows;
+    w->cols = cols;
+    w->group = group;
+    w->block_rows = 1;
+    size_t n = 2 * (size_t)rows * cols, ns = 2 * (size_t)rows * (size_t)(cols / group);
+    int bits = kt_format_bits(fmt);
+    if (bits == 16) {
+        w->data = bf16_array(A, s, n);
+    } else {
+        size_t bytes = bits == 8 ? n : n / 2;
+        uint8_t *q = guarded(A, bytes);
+        if (q)
+            for (size_t i = 0; i < bytes; i++) q[i] = (uint8_t)rng_next(s);
+        w->data = q;
+        float *sc = f32_array(A, s, ns, 0.05f);
+        if (sc)
+            for (size_t i = 0; i < ns; i++) sc[i] = fabsf(sc[i]) + 1e-3f;
+        w->scale = sc;
+        if (kt_format_has_zero(fmt)) w->zero = f32_array(A, s, ns, 0.3f);
+    }
+    char err[KT_ERRLEN];
+    return !A->failed && kt_wmat_check(w, 2, err) == KT_OK;
+}
+
+static int round_up(int n, int g) { return (n + g - 1) / g * g; }
+
+static double check_gemm(const kt_slots *S, int slot, int M, int N, int K, uint64_t *s, arena *A, char *err) {
+    int trans = slot == KT_SLOT_GEMM_NN ? KT_NN : KT_NT, f32 = slot == KT_SLOT_GEMM_NT_F32;
+    size_t ldb = (size_t)(trans == KT_NT ? K : N) + 5;
+    size_t nb = trans == KT_NT ? (size_t)(N - 1) * ldb + K : (K > 0 ? (size_t)(K - 1) * ldb + N : 0);
+    const bf16_t **a = a_rows(A, s, M, K);
+    void *b = f32 ? (void *)f32_array(A, s, nb, 1.0f) : (void *)bf16_array(A, s, nb);
+    float *c = c_block(A, M, N);
+    double *want = malloc(sizeof(double) * 2 * (size_t)M * N);
+    if (A->failed || !want) {
+        free(want);
+        snprintf(err, KT_ERRLEN, "out of memory");
+        return KT_ENOMEM;
+    }
+    kt_ref_gemm(trans, M, N, K, a, b, ldb, f32, want, want + (size_t)M * N);
+    if (trans == KT_NT)
+        S->gemm_nt(M, N, K, a, b, ldb, f32, c, (size_t)N + PAD);
+    else
+        S->gemm_nn(M, N, K, a, b, ldb, c, (size_t)N + PAD);
+    double r = compare(c, (size_t)N + PAD, M, N, want, want + (size_t)M * N, 1e-5, 1e-30, slot_names[slot], err);
+    free(want);
+    return r;
+}
+
+static double check_decode(const kt_slots *S, int fmt, int M, int K, int group, uint64_t *s, arena *A, char *err) {
+    int cols = round_up(K, group ? group : 2);
+    cols = round_up(cols, 2);
+    kt_wmat w;
+    if (!make_weights(A, s, fmt, M, cols, group ? group : cols, &w)) {
+        snprintf(err, KT_ERRLEN, "could not build %s weights %d x %d group %d", kt_format_name(fmt), M, cols, group);
+        return KT_EINVAL;
+    }
+    int r0 = M / 3, c0 = cols > 1 ? 1 : 0, nr = M - r0, nc = cols - c0; /* odd column start: a high nibble */
+    bf16_t *got = guarded(A, sizeof(bf16_t) * (size_t)nr * nc), *want = malloc(sizeof(bf16_t) * (size_t)nr * nc);
+    if (A->failed || !want) {
+        free(want);
+        snprintf(err, KT_ERRLEN, "out of memory");
+        return KT_ENOMEM;
+    }
+    kt_decode_block(S, &w, 1, r0, nr, c0, nc, got);
+    kt_ref_decode_block(&w, 1, r0, nr, c0, nc, want);
+    double r = 0;
+    for (size_t i = 0; i < (size_t)nr * nc; i++)
+        if (got[i] != want[i]) {
+            snprintf(err, KT_ERRLEN, "decode %s wrong at (%zu, %zu): 0x%04x, reference 0x%04x", kt_format_name(fmt),
+                     i / (size_t)nc, i % (size_t)nc, got[i], want[i]);
+            r = INFINITY;
+            break;
+        }
+    free(want);
+    return r;
+}
+
+/* The prepared-operand path as the algorithm uses it: prep with the expert's row count, then GEMM chunks
+ * of at most blk.mc rows. The W block starts one row and one column into expert 1's matrix. */
+static double check_bop(const kt_slots *S, int slot, int fmt, int M, int N, int K, int group, uint64_t *s, arena *A,
+                        char *err) {
+    int trans = slot == KT_SLOT_BOP_NT ? KT_NT : KT_NN;
+    int nr = trans == KT_NT ? N : K, nc = trans == KT_NT ? K : N;
+    int cols = round_up(round_up(1 + nc, group ? group : 2), 2);
+    kt_wmat w;
+    if (!make_weights(A, s, fmt, nr + 1, cols, group ? group : cols, &w)) {
+        snprintf(err, KT_ERRLEN, "could not build %s weights", kt_format_name(fmt));
+        return KT_EINVAL;
+    }
+    size_t bytes = S->bop_bytes(S, &w, trans, nr, nc, M);
+    void *scratch = guarded(A, bytes ? bytes : 1);
+    const bf16_t **a = a_rows(A, s, M, K);
+    float *c = c_block(A, M, N);
+    bf16_t *dec = malloc(sizeof(bf16_t) * ((size_t)nr * nc + 1));
+    double *want = malloc(sizeof(double) * 2 * (size_t)M * N);
+    if (A->failed || !dec || !want) {
+        free(dec);
+        free(want);
+        snprintf(err, KT_ERRLEN, "out of memory");
+        return KT_ENOMEM;
+    }
+    kt_ref_decode_block(&w, 1, 1, nr, 1, nc, dec);
+    kt_ref_gemm(trans, M, N, K, a, dec, (size_t)nc, 0, want, want + (size_t)M * N);
+    kt_bop b;
+    S->bop_prep(S, &w, 1, 1, nr, 1, nc, trans, M, scratch, &b);
+    for (int m0 = 0; m0 < M; m0 += S->blk.mc) {
+        int m = imin(S->blk.mc, M - m0);
+        S->bop_gemm(S, m, a + m0, &b, c + (size_t)m0 * (N + PAD), (size_t)N + PAD);
+    }
+    double r = compare(c, (size_t)N + PAD, M, N, want, want + (size_t)M * N, 1e-5, 1e-30, slot_names[slot], err);
+    free(dec);
+    free(want);
+    return r;
+}
+
+/* outer: M pairs, R = N output rows, K columns */
+static double check_outer(const kt_slots *S, int slot, int M, int R, int K, uint64_t *s, arena *A, char *err) {
+    const float *coef = f32_array(A, s, (size_t)M * R, 1.0f);
+    const float *x = slot == KT_SLOT_OUTER_F32 ? f32_array(A, s, (size_t)M * K, 1.0f) : NULL;
+    const bf16_t **xb = slot == KT_SLOT_OUTER_BF16 ? a_rows(A, s, M, K) : NULL;
+    float *out = c_block(A, R, K);
+    double *want = malloc(sizeof(double) * 2 * (size_t)R * K + 1);
+    if (A->failed || !want) {
+        free(want);
+        snprintf(err, KT_ERRLEN, "out of memory");
+        return KT_ENOMEM;
+    }
+    for (int j = 0; j < R; j++)
+        for (int n = 0; n < K; n++) out[(size_t)j * (K + PAD) + n] = rng_val(s);
+    kt_ref_outer(M, R, K, coef, (size_t)R, x, (size_t)K, xb, out, (size_t)K + PAD, want, want + (size_t)R * K);
+    if (x)
+        S->outer_f32(M, R, K, coef, (size_t)R, x, (size_t)K, out, (size_t)K + PAD);
+    else
+        S->outer_bf16(M, R, K, coef, (size_t)R, xb, out, (size_t)K + PAD);
+    double r = compare(out, (size_t)K + PAD, R, K, want, want + (size_t)R * K, 1e-6, 1e-30, slot_names[slot], err);
+    free(want);
+    return r;
+}
+
+static double check_act(const kt_slots *S, int slot, int n, uint64_t *s, arena *A, char *err) {
+    float *g = f32_array(A, s, (size_t)n, 6.0f), *u = f32_array(A, s, (size_t)n, 2.0f);
+    float *dhu = f32_array(A, s, (size_t)n, 1.0f);
+    bf16_t *gb = bf16_array(A, s, (size_t)n), *ub = bf16_array(A, s, (size_t)n), *h = bf16_array(A, s, (size_t)n);
+    float *hf = f32_array(A, s, (size_t)n, 0), *dg = f32_array(A, s, (size_t)n, 0), *du = f32_array(A, s, (size_t)n, 0);
+    double *ref = malloc(sizeof(double) * 3 * (size_t)n + 1);
+    if (A->failed || !ref) {
+        free(ref);
+        snprintf(err, KT_ERRLEN, "out of memory");
+        return KT_ENOMEM;
+    }
+    double worst = 0;
+    if (slot == KT_SLOT_ACT_FWD) {
+        S->act_fwd(n, g, u, gb, ub, h);
+        kt_ref_act_fwd(n, g, u, ref);
+        for (int j = 0; j < n; j++) {
+            if (gb[j] != kt_round_bf16(g[j]) || ub[j] != kt_round_bf16(u[j])) {
+                snprintf(err, KT_ERRLEN, "act_fwd: the saved bf16 g/u at %d are not the rounded inputs", j);
+                free(ref);
+                return INFINITY;
+            }
+            /* one bf16 rounding of h (at most 2^-8 relative) and the fp32 sigmoid: 2^-7 leaves a factor 2 */
+            double r = fabs(bf16_to_f32(h[j]) - ref[j]) / (fabs(ref[j]) * (1.0 / 128) + 1e-30);
+            if (!(r <= worst)) worst = isnan(r) ? INFINITY : r;
+        }
+    } else {
+        float w = 0.5f + 0.5f * fabsf(rng_val(s));
+        double dw = S->act_bwd(n, gb, ub, dhu, w, hf, dg, du, h, h);
+        double dwref = kt_ref_act_bwd(n, gb, ub, dhu, w, ref, ref + n, ref + 2 * (size_t)n), dwmag = 0;
+        for (int j = 0; j < n; j++) {
+            dwmag += fabs(dhu[j] * ref[j]);
+            double rh = fabs(hf[j] - ref[j]) / (fabs(ref[j]) * (1.0 / 128) + 1e-30); /* h is the bf16 of silu(g) u */
+            double rg = fabs(dg[j] - ref[n + j]) / (fabs(ref[n + j]) * 1e-5 + 1e-6);
+            double ru = fabs(du[j] - ref[2 * n + j]) / (fabs(ref[2 * n + j]) * 1e-5 + 1e-6);
+            double r = fmax(rh, fmax(rg, ru));
+            if (!(r <= worst)) worst = isnan(r) ? INFINITY : r;
+        }
+        double r = fabs(dw - dwref) / (dwmag * (1.0 / 256) + 1e-30);
+        if (!(r <= worst)) worst = isnan(r) ? INFINITY : r;
+    }
+    if (worst > 1 && !err[0]) snprintf(err, KT_ERRLEN, "%s outside tolerance (%.3g)", slot_names[slot], worst);
+    free(ref);
+    return worst;
+}
+
+double kt_slot_check(int level, int slot, int fmt, int M, int N, int K, int group, unsigned seed, char *err) {
+    err[0] = 0;
+    const kt_slots *S = kt_slots_of(level);
+    if (!S) {
+        char why[160];
+        kt_isa_usable(level, why, sizeof why);
+        snprintf(err, KT_ERRLEN, "level %s is not usable here: %s", kt_isa_name(level), why);
+        return KT_EINVAL;
+    }
+    if (slot < 0 || slot >= KT_SLOT_COUNT || M < 1 || N < 1 || K < 0 || group < 0 || fmt < 0 || fmt >= KT_W_COUNT) {
+        snprintf(err, KT_ERRLEN, "bad case: slot %d fmt %d M=%d N=%d K=%d group=%d", slot, fmt, M, N, K, group);
+        return KT_EINVAL;
+    }
+    if (S->thread_init) S->thread_init(); /* the engine does this for its threads; here the caller runs the slot */
+    uint64_t s = 0x9e3779b97f4a7c15ull ^ ((uint64_t)seed * 0x2545f4914f6cdd1dull);
+    arena *A = calloc(1, sizeof *A);
+    if (!A) {
+        snprintf(err, KT_ERRLEN, "out of memory");
+        return KT_ENOMEM;
+    }
+    double r;
+    switch (slot) {
+    case KT_SLOT_DECODE: r = check_decode(S, fmt, M, K > 0 ? K : 2, group, &s, A, err); break;
+    case KT_SLOT_BOP_NT:
+    case KT_SLOT_BOP_NN: r = check_bop(S, slot, fmt, M, N, K > 0 ? K : 1, group, &s, A, err); break;
+    case KT_SLOT_OUTER_F32:
+    case KT_SLOT_OUTER_BF16: r = check_outer(S, slot, M, N, K, &s, A, err); break;
+    case KT_SLOT_ACT_FWD:
+    case KT_SLOT_ACT_BWD: r = check_act(S, slot, N, &s, A, err); break;
+    default: r = check_gemm(S, slot, M, N, K, &s, A, err); break;
+    }
+    arena_free(A);
+    free(A);
+    return r;
+}

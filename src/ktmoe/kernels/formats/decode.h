@@ -1,0 +1,57 @@
+/* Bytes -> values for every weight format: portable C, static so that each level compiles its own copy
+ * with its own vector flags. A decode run covers n weights of one row that share one scale block; the
+ * result is exactly the bf16 value the kernels multiply with (Python's WeightFormat.dequantize agrees). */
+#ifndef KTMOE_FORMATS_DECODE_H
+#define KTMOE_FORMATS_DECODE_H
+
+#include "../slots.h"
+
+static inline size_t kt_code_index(const kt_wmat *w, int e, int r, int c) {
+    return ((size_t)e * (size_t)w->rows + (size_t)r) * (size_t)w->cols + (size_t)c;
+}
+
+static inline void kt_decode_bf16(const kt_wmat *w, int e, int r, int c, int n, bf16_t *d) {
+    memcpy(d, (const bf16_t *)w->data + kt_code_index(w, e, r, c), sizeof(bf16_t) * (size_t)n);
+}
+
+/* d[i] = bf16(s * q[i]) */
+static inline void kt_decode_int8(const kt_wmat *w, int e, int r, int c, int n, bf16_t *d) {
+    const int8_t *q = (const int8_t *)w->data + kt_code_index(w, e, r, c);
+    float s = w->scale[kt_scale_index(w, e, r, c)];
+#pragma omp simd
+    for (int j = 0; j < n; j++) d[j] = kt_round_bf16(s * (float)q[j]);
+}
+
+/* d[i] = bf16(fma(s, nibble(at + i), off)), two codes per byte, low nibble first. The fused multiply-add is
+ * the definition (one rounding), so every level and the register-decoding kernels agree bit for bit. */
+static inline void kt_decode_nibbles(const uint8_t *q, size_t at, int n, float s, float off, bf16_t *d) {
+    int i = 0;
+    if (n > 0 && (at & 1)) { /* odd start: the high nibble of the first byte */
+        d[0] = kt_round_bf16(__builtin_fmaf(s, (float)(q[at >> 1] >> 4), off));
+        i = 1;
+    }
+    const uint8_t *b = q + ((at + (size_t)i) >> 1);
+    int pairs = (n - i) / 2;
+#pragma omp simd
+    for (int j = 0; j < pairs; j++) {
+        d[i + 2 * j] = kt_round_bf16(__builtin_fmaf(s, (float)(b[j] & 15), off));
+        d[i + 2 * j + 1] = kt_round_bf16(__builtin_fmaf(s, (float)(b[j] >> 4), off));
+    }
+    i += 2 * pairs;
+    if (i < n) d[i] = kt_round_bf16(__builtin_fmaf(s, (float)(b[pairs] & 15), off)); /* odd end: a low nibble */
+}
+
+static inline void kt_decode_int4(const kt_wmat *w, int e, int r, int c, int n, bf16_t *d) {
+    float s = w->scale[kt_scale_index(w, e, r, c)];
+    kt_decode_nibbles((const uint8_t *)w->data, kt_code_index(w, e, r, c), n, s, -8.0f * s, d);
+}
+
+static inline void kt_decode_int4_1(const kt_wmat *w, int e, int r, int c, int n, bf16_t *d) {
+    size_t si = kt_scale_index(w, e, r, c);
+    kt_decode_nibbles((const uint8_t *)w->data, kt_code_index(w, e, r, c), n, w->scale[si], w->zero[si], d);
+}
+
+/* The table of a level's decode slots, in enum kt_wfmt order. */
+#define KT_GENERIC_DECODE {kt_decode_bf16, kt_decode_int8, kt_decode_int4, kt_decode_int4_1}
+
+#endif

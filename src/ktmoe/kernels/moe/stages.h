@@ -1,0 +1,699 @@
+/* The MoE algorithm: forward and backward of the expert stages for all experts of a layer per call.
+ *
+ * It calls slots only (slots.h): no ISA #if, no weight-format branch, blocking from S->blk. It is included
+ * by the levels that provide an algorithm instance (portable, avx2, avx512: its element-wise loops are
+ * vectorized at that width); levels above inherit one. Everything here is static.
+ *
+ * Notation: pairs (token t, expert e) sorted by expert; part p of the TP split owns intermediate columns
+ * [i0, i0 + Ip). s = lora_alpha / r. Per pair with routing weight w:
+ *   g = Wg x + s Bg (Ag x),  u = Wu x + s Bu (Au x),  h = silu(g) u,  d = Wd h + s Bd (Ad h),  y += w d
+ * Backward with dy: dhu = Wd^T dy + s Ad^T (Bd^T dy) (unweighted), dw = <dhu, h>, dh = w dhu, ... */
+#ifndef KTMOE_MOE_STAGES_H
+#define KTMOE_MOE_STAGES_H
+
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../core/internal.h"
+
+static inline size_t st_round64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+/* dst[c, r] = src[r, c] for an R x C block (small LoRA matrices). */
+static void transpose_f32(const float *src, size_t lds, int R, int C, float *dst, size_t ldd) {
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) dst[(size_t)c * ldd + r] = src[(size_t)r * lds + c];
+}
+
+/* ---- the call's shared state ---- */
+
+typedef struct {
+    const kt_slots *S;
+    kt_ctx *ctx;
+    const kt_layer *L;
+    kt_engine *eng;
+    int mc, nb, nbb, nbh;     /* the level's blocking */
+    int *active;              /* experts with at least one pair, largest first */
+    int nactive;
+    int nblk_i[KT_MAX_PARTS]; /* column blocks (nb) of each part's intermediate slice */
+    int nblk_b[KT_MAX_PARTS]; /* the same in nbb blocks (backward down stage) */
+    int nblk_h;               /* column blocks (nbh) of H */
+    float s;
+    bf16_t *h[KT_MAX_PARTS];  /* [npairs, Ip] */
+    float *pairbuf;           /* [nparts, npairs, H] per-pair output rows, summed per token by combine */
+    bf16_t *dyb;              /* [T, H] */
+    bf16_t *dg[KT_MAX_PARTS], *du[KT_MAX_PARTS]; /* [npairs, Ip] */
+    float *bd;                /* [npairs, r] Bd^T dy */
+    float *bg[KT_MAX_PARTS], *bu[KT_MAX_PARTS];  /* [npairs, r] this part's dg Bg, du Bu */
+    float *dwp[KT_MAX_PARTS]; /* [nblk_b, npairs] partial <dhu, h> */
+    float *const *grads;
+    atomic_int failed;        /* first problem found by a task: 1 = non-finite input, 2 = out of memory */
+    atomic_int bad_row;
+} stage_args;
+
+static void fail(stage_args *a, int code, int row) {
+    int zero = 0;
+    if (atomic_compare_exchange_strong(&a->failed, &zero, code)) atomic_store(&a->bad_row, row);
+}
+
+static inline int expert_rows(const kt_ctx *ctx, int e) { return ctx->expert_off[e + 1] - ctx->expert_off[e]; }
+
+/* Runs a stage on every part's threads (or on all threads), timing it for the profile. */
+static void run_timed(stage_args *a, const char *name, const int *ntasks, int all, kt_task_fn fn, void *arg) {
+    int on = kt_profile_on();
+    kt_engine_profile(a->eng, on);
+    if (on) kt_engine_task_cpu(a->eng);
+    double t0 = kt_now();
+    if (all)
+        kt_run_all(a->eng, ntasks[0], fn, arg);
+    else
+        kt_run_parts(a->eng, ntasks, fn, arg);
+    if (on) kt_profile_add(name, kt_now() - t0, kt_engine_task_cpu(a->eng));
+}
+static void run_parts_timed(stage_args *a, const char *name, const int *ntasks, kt_task_fn fn, void *arg) {
+    run_timed(a, name, ntasks, 0, fn, arg);
+}
+static void run_all_timed(stage_args *a, const char *name, int ntasks, kt_task_fn fn, void *arg) {
+    run_timed(a, name, &ntasks, 1, fn, arg);
+}
+
+/* Row pointers of a chunk of pairs: into a [*, ld] bf16 matrix, either by token or by pair index. */
+static void rows_by_token(const bf16_t **rows, const kt_ctx *ctx, const bf16_t *base, size_t ld, int p0, int n) {
+    for (int i = 0; i < n; i++) rows[i] = base + (size_t)ctx->pair_tok[p0 + i] * ld;
+}
+static void rows_by_pair(const bf16_t **rows, const bf16_t *base, size_t ld, int p0, int n) {
+    for (int i = 0; i < n; i++) rows[i] = base + (size_t)(p0 + i) * ld;
+}
+
+/* ---- input conversion: [T, H] bf16/fp32 -> bf16, rejecting non-finite values ---- */
+
+typedef struct { stage_args *a; const void *src; int src_is_f32; bf16_t *dst; } convert_args;
+
+static void convert_rows_task(void *arg, int part, int task, int tid) {
+    (void)part;
+    (void)tid;
+    convert_args *c = arg;
+    const kt_ctx *ctx = c->a->ctx;
+    size_t H = (size_t)ctx->H;
+    int t0 = task * 16, t1 = t0 + 16 < ctx->T ? t0 + 16 : ctx->T;
+    for (int t = t0; t < t1; t++) {
+        bf16_t *d = c->dst + (size_t)t * H;
+        int bad = 0;
+        if (c->src_is_f32) {
+            const float *s = (const float *)c->src + (size_t)t * H;
+            for (size_t i = 0; i < H; i++) {
+                kt_bits32 b;
+                b.f = s[i];
+                bad |= (b.u & 0x7f800000u) == 0x7f800000u;
+                d[i] = kt_round_bf16(s[i]);
+            }
+        } else {
+            const bf16_t *s = (const bf16_t *)c->src + (size_t)t * H;
+            for (size_t i = 0; i < H; i++) {
+                bad |= (s[i] & 0x7f80u) == 0x7f80u;
+                d[i] = s[i];
+            }
+        }
+        if (bad) fail(c->a, 1, t);
+    }
+}
+
+static void convert_rows(stage_args *a, const void *src, int src_is_f32, bf16_t *dst) {
+    convert_args c = {a, src, src_is_f32, dst};
+    run_all_timed(a, "convert", (a->ctx->T + 15) / 16, convert_rows_task, &c);
+}
+
+/* ---- forward ---- */
+
+/* LoRA down-projections of the input, shared by all parts: ag = x Ag^T, au = x Au^T. */
+static void fwd_lora_in_task(void *arg, int part, int task, int tid) {
+    (void)part;
+    (void)tid;
+    stage_args *a = arg;
+    const kt_slots *S = a->S;
+    const kt_ctx *ctx = a->ctx;
+    const kt_layer *L = a->L;
+    int e = a->active[task], r = L->r;
+    size_t H = (size_t)L->H;
+    const bf16_t *rows[KT_MAX_MC];
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += a->mc) {
+        int m = (int)zmin((size_t)a->mc, (size_t)(ctx->expert_off[e + 1] - p0));
+        rows_by_token(rows, ctx, ctx->x, H, p0, m);
+        S->gemm_nt(m, r, (int)H, rows, L->gate_a + (size_t)e * r * H, H, 1, ctx->ag + (size_t)p0 * r, (size_t)r);
+        S->gemm_nt(m, r, (int)H, rows, L->up_a + (size_t)e * r * H, H, 1, ctx->au + (size_t)p0 * r, (size_t)r);
+    }
+}
+
+/* c[m, n] += s * <lora_in[m, :], b[n, :]> for m < M, n < N; b is [N, r] fp32. A small GEMM run as an
+ * outer product over the rank: c += (s lora_in)^T-rows x b^T-rows. Returns 0 when out of memory. */
+static int add_lora_out(stage_args *a, int tid, float *c, size_t ldc, int M, int N, const float *lora_in,
+                        const float *b, int r, float s) {
+    float *bT = kt_scratch_slot(a->eng, tid, 1, sizeof(float) * (size_t)r * (N + M));
+    if (!bT) return 0;
+    float *lT = bT + (size_t)r * N;
+    transpose_f32(b, (size_t)r, N, r, bT, (size_t)N);
+    for (int m = 0; m < M; m++)
+        for (int j = 0; j < r; j++) lT[(size_t)j * M + m] = s * lora_in[(size_t)m * r + j];
+    a->S->outer_f32(r, M, N, lT, (size_t)M, bT, (size_t)N, c, ldc);
+    return 1;
+}
+
+/* gate+up GEMMs with LoRA, then h = silu(g) * u. Task = (active expert, column block of the part). */
+static void fwd_gate_up_task(void *arg, int part, int task, int tid) {
+    stage_args *a = arg;
+    const kt_slots *S = a->S;
+    kt_ctx *ctx = a->ctx;
+    const kt_layer *L = a->L;
+    int nblk = a->nblk_i[part], NB = a->nb;
+    int e = a->active[task / nblk], me = expert_rows(ctx, e);
+    int i0 = ctx->part_i0[part], Ip = ctx->part_i0[part + 1] - i0;
+    int n0 = (task % nblk) * NB, nb = Ip - n0 < NB ? Ip - n0 : NB;
+    int H = L->H, r = L->r;
+    size_t cbytes = st_round64(sizeof(float) * (size_t)a->mc * NB);
+    size_t wg = st_round64(S->bop_bytes(S, &L->gate[part], KT_NT, nb, H, me));
+    size_t wu = st_round64(S->bop_bytes(S, &L->up[part], KT_NT, nb, H, me));
+    char *base = kt_scratch(a->eng, tid, 2 * cbytes + wg + wu);
+    if (!base) {
+        fail(a, 2, 0);
+        return;
+    }
+    float *cg = (float *)base, *cu = (float *)(base + cbytes);
+    kt_bop bg, bu;
+    S->bop_prep(S, &L->gate[part], e, n0, nb, 0, H, KT_NT, me, base + 2 * cbytes, &bg);
+    S->bop_prep(S, &L->up[part], e, n0, nb, 0, H, KT_NT, me, base + 2 * cbytes + wg, &bu);
+    const bf16_t *rows[KT_MAX_MC];
+    bf16_t gtmp[KT_MAX_NB], utmp[KT_MAX_NB];
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += a->mc) {
+        int m = (int)zmin((size_t)a->mc, (size_t)(ctx->expert_off[e + 1] - p0));
+        rows_by_token(rows, ctx, ctx->x, (size_t)H, p0, m);
+        S->bop_gemm(S, m, rows, &bg, cg, (size_t)NB);
+        S->bop_gemm(S, m, rows, &bu, cu, (size_t)NB);
+        if (r > 0) {
+            size_t brow = ((size_t)e * L->I + (size_t)(i0 + n0)) * r;
+            if (!add_lora_out(a, tid, cg, (size_t)NB, m, nb, ctx->ag + (size_t)p0 * r, L->gate_b + brow, r, a->s) ||
+                !add_lora_out(a, tid, cu, (size_t)NB, m, nb, ctx->au + (size_t)p0 * r, L->up_b + brow, r, a->s)) {
+                fail(a, 2, 0);
+                return;
+            }
+        }
+        for (int i = 0; i < m; i++) {
+            size_t at = (size_t)(p0 + i) * Ip + n0;
+            int keep = ctx->g[part] != NULL; /* saved for backward: round straight into the saved rows */
+            S->act_fwd(nb, cg + (size_t)i * NB, cu + (size_t)i * NB, keep ? ctx->g[part] + at : gtmp,
+                       keep ? ctx->u[part] + at : utmp, a->h[part] + at);
+        }
+    }
+}
+
+/* ad = h Ad^T over this part's columns (a partial sum across parts). Task = active expert. */
+static void fwd_lora_mid_task(void *arg, int part, int task, int tid) {
+    (void)tid;
+    stage_args *a = arg;
+    const kt_ctx *ctx = a->ctx;
+    const kt_layer *L = a->L;
+    int e = a->active[task], r = L->r;
+    int i0 = ctx->part_i0[part], Ip = ctx->part_i0[part + 1] - i0;
+    const bf16_t *rows[KT_MAX_MC];
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += a->mc) {
+        int m = (int)zmin((size_t)a->mc, (size_t)(ctx->expert_off[e + 1] - p0));
+        rows_by_pair(rows, a->h[part], (size_t)Ip, p0, m);
+        a->S->gemm_nt(m, r, Ip, rows, L->down_a + (size_t)e * r * L->I + i0, (size_t)L->I, 1,
+                      ctx->ad[part] + (size_t)p0 * r, (size_t)r);
+    }
+}
+
+/* The work of one task of the stages that write per-pair rows of H: an active expert, a column block of H,
+ * and the part's intermediate slice and per-pair buffer. */
+typedef struct { int e, n0, nb, Ip; float *pairs; } hblock;
+
+static hblock hblock_of(const stage_args *a, int part, int task) {
+    const kt_ctx *ctx = a->ctx;
+    hblock b;
+    b.e = a->active[task / a->nblk_h];
+    b.n0 = (task % a->nblk_h) * a->nbh;
+    b.nb = ctx->H - b.n0 < a->nbh ? ctx->H - b.n0 : a->nbh;
+    b.Ip = ctx->part_i0[part + 1] - ctx->part_i0[part];
+    b.pairs = a->pairbuf + (size_t)part * ctx->npairs * ctx->H;
+    return b;
+}
+
+/* Down GEMM with LoRA, scaled by the routing weight, into the part's per-pair buffer [npairs, H].
+ * Task = (active expert, column block of H); the combine stage then sums each token's pairs. */
+static void fwd_down_task(void *arg, int part, int task, int tid) {
+    stage_args *a = arg;
+    const kt_slots *S = a->S;
+    const kt_ctx *ctx = a->ctx;
+    const kt_layer *L = a->L;
+    int H = L->H, r = L->r;
+    hblock b = hblock_of(a, part, task);
+    int e = b.e, n0 = b.n0, nb = b.nb, Ip = b.Ip, me = expert_rows(ctx, e);
+    size_t wb = S->bop_bytes(S, &L->down[part], KT_NT, nb, Ip, me);
+    char *ws = wb ? kt_scratch(a->eng, tid, wb) : NULL;
+    if (wb && !ws) {
+        fail(a, 2, 0);
+        return;
+    }
+    kt_bop bd;
+    S->bop_prep(S, &L->down[part], e, n0, nb, 0, Ip, KT_NT, me, ws, &bd);
+    const bf16_t *rows[KT_MAX_MC];
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += a->mc) {
+        int m = (int)zmin((size_t)a->mc, (size_t)(ctx->expert_off[e + 1] - p0));
+        float *c = b.pairs + (size_t)p0 * H + n0;
+        rows_by_pair(rows, a->h[part], (size_t)Ip, p0, m);
+        S->bop_gemm(S, m, rows, &bd, c, (size_t)H);
+        if (r > 0 && !add_lora_out(a, tid, c, (size_t)H, m, nb, ctx->ad[part] + (size_t)p0 * r,
+                                   L->down_b + ((size_t)e * H + (size_t)n0) * r, r, a->s)) {
+            fail(a, 2, 0);
+            return;
+        }
+        for (int i = 0; i < m; i++) {
+            float w = ctx->pair_w[p0 + i];
+            float *ci = c + (size_t)i * H;
+#pragma omp simd
+            for (int n = 0; n < nb; n++) ci[n] *= w;
+        }
+    }
+}
+
+/* out[t] = sum over t's slots and the TP parts of the per-pair rows. Task = 16 tokens. A fixed order:
+ * slots, then parts, so results do not depend on scheduling. */
+typedef struct { stage_args *a; void *out; int out_is_f32; } combine_args;
+
+static void combine_task(void *arg, int part, int task, int tid) {
+    (void)part;
+    (void)tid;
+    combine_args *cb = arg;
+    const stage_args *a = cb->a;
+    const kt_ctx *ctx = a->ctx;
+    size_t H = (size_t)ctx->H, per_part = (size_t)ctx->npairs * H;
+    int t0 = task * 16, t1 = t0 + 16 < ctx->T ? t0 + 16 : ctx->T;
+    float acc[256];
+    for (int t = t0; t < t1; t++) {
+        for (size_t n0 = 0; n0 < H; n0 += 256) {
+            size_t nb = zmin(256, H - n0);
+            memset(acc, 0, sizeof(float) * nb);
+            for (int j = 0; j < ctx->k; j++) {
+                int p = ctx->slot_pair[(size_t)t * ctx->k + j];
+                if (p < 0) continue;
+                for (int q = 0; q < ctx->nparts; q++) {
+                    const float *src = a->pairbuf + q * per_part + (size_t)p * H + n0;
+#pragma omp simd
+                    for (size_t n = 0; n < nb; n++) acc[n] += src[n];
+                }
+            }
+            if (cb->out_is_f32) {
+                memcpy((float *)cb->out + (size_t)t * H + n0, acc, sizeof(float) * nb);
+            } else {
+                bf16_t *d = (bf16_t *)cb->out + (size_t)t * H + n0;
+#pragma omp simd
+                for (size_t n = 0; n < nb; n++) d[n] = kt_round_bf16(acc[n]);
+            }
+        }
+    }
+}
+
+static void combine_pairs(stage_args *a, void *out, int out_is_f32) {
+    combine_args cb = {a, out, out_is_f32};
+    run_all_timed(a, "combine", (a->ctx->T + 15) / 16, combine_task, &cb);
+}
+
+/* The per-pair buffer of every part: [nparts, npairs, H] fp32. */
+static int pair_buffer(stage_args *a, char *err) {
+    const kt_ctx *ctx = a->ctx;
+    size_t bytes = sizeof(float) * (size_t)ctx->nparts * ctx->npairs * ctx->H + 64;
+    a->pairbuf = kt_shared_buffer(a->eng, KT_SH_PAIRS, bytes);
+    if (!a->pairbuf) {
+        snprintf(err, KT_ERRLEN, "out of memory (%zu bytes)", bytes);
+        return KT_ENOMEM;
+    }
+    return KT_OK;
+}
+
+/* ---- shared set-up ---- */
+
+static int setup(stage_args *a, const kt_slots *S, kt_ctx *ctx, const kt_layer *L, kt_engine *eng, char *err) {
+    memset(a, 0, sizeof *a);
+    a->S = S;
+    a->ctx = ctx;
+    a->L = L;
+    a->eng = eng;
+    a->mc = S->blk.mc;
+    a->nb = S->blk.nb;
+    a->nbb = S->blk.nbb;
+    a->nbh = S->blk.nbh;
+    a->s = L->r > 0 ? L->lora_scale : 0.f;
+    a->active = kt_shared_buffer(eng, KT_SH_TASKS, sizeof(int) * (size_t)ctx->E);
+    if (!a->active) {
+        snprintf(err, KT_ERRLEN, "out of memory");
+        return KT_ENOMEM;
+    }
+    for (int e = 0; e < ctx->E; e++)
+        if (expert_rows(ctx, e) > 0) a->active[a->nactive++] = e;
+    /* largest experts first: the dynamic task queue then balances the tail */
+    for (int i = 1; i < a->nactive; i++) {
+        int e = a->active[i], me = expert_rows(ctx, e), j = i;
+        while (j > 0 && expert_rows(ctx, a->active[j - 1]) < me) {
+            a->active[j] = a->active[j - 1];
+            j--;
+        }
+        a->active[j] = e;
+    }
+    for (int p = 0; p < ctx->nparts; p++) {
+        a->nblk_i[p] = (ctx->part_i0[p + 1] - ctx->part_i0[p] + a->nb - 1) / a->nb;
+        a->nblk_b[p] = (ctx->part_i0[p + 1] - ctx->part_i0[p] + a->nbb - 1) / a->nbb;
+    }
+    a->nblk_h = (ctx->H + a->nbh - 1) / a->nbh;
+    return KT_OK;
+}
+
+static int finish(stage_args *a, const char *what, char *err) {
+    int f = atomic_load(&a->failed);
+    if (f == 1) {
+        snprintf(err, KT_ERRLEN, "%s[%d] has a non-finite value (NaN or Inf)", what, atomic_load(&a->bad_row));
+        return KT_EINVAL;
+    }
+    if (f == 2) {
+        snprintf(err, KT_ERRLEN, "out of memory for per-thread work space");
+        return KT_ENOMEM;
+    }
+    return KT_OK;
+}
+
+/* Carves per-part [npairs, Ip] bf16 matrices out of one shared buffer. */
+static int part_matrices(stage_args *a, int slot, bf16_t **mats, char *err) {
+    const kt_ctx *ctx = a->ctx;
+    size_t total = sizeof(bf16_t) * (size_t)ctx->npairs * (size_t)ctx->I + 64;
+    bf16_t *base = kt_shared_buffer(a->eng, slot, total);
+    if (!base) {
+        snprintf(err, KT_ERRLEN, "out of memory (%zu bytes)", total);
+        return KT_ENOMEM;
+    }
+    for (int p = 0; p < ctx->nparts; p++) mats[p] = base + (size_t)ctx->npairs * ctx->part_i0[p];
+    return KT_OK;
+}
+
+static int kt_stages_forward(const kt_slots *S, kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *x,
+                             int x_is_f32, void *out, int out_is_f32, char *err) {
+    stage_args a;
+    int rc = setup(&a, S, ctx, L, eng, err);
+    if (rc) return rc;
+    int P = ctx->nparts;
+    convert_rows(&a, x, x_is_f32, ctx->x);
+    if ((rc = finish(&a, "hidden_states", err))) return rc;
+    if ((rc = part_matrices(&a, KT_SH_H, a.h, err))) return rc;
+    if ((rc = pair_buffer(&a, err))) return rc;
+    int nt[KT_MAX_PARTS];
+    if (L->r > 0) run_all_timed(&a, "fwd_lora_in", a.nactive, fwd_lora_in_task, &a);
+    for (int p = 0; p < P; p++) nt[p] = a.nactive * a.nblk_i[p];
+    run_parts_timed(&a, "fwd_gate_up", nt, fwd_gate_up_task, &a);
+    if (L->r > 0) {
+        for (int p = 0; p < P; p++) nt[p] = a.nactive;
+        run_parts_timed(&a, "fwd_lora_mid", nt, fwd_lora_mid_task, &a);
+    }
+    for (int p = 0; p < P; p++) nt[p] = a.nactive * a.nblk_h;
+    run_parts_timed(&a, "fwd_down", nt, fwd_down_task, &a);
+    combine_pairs(&a, out, out_is_f32);
+    return finish(&a, "hidden_states", err);
+}
+
+/* ---- backward ---- */
+
+/* bd = Bd^T dy for every pair (shared by parts). Task = active expert. */
+static void bwd_lora_dy_task(void *arg, int part, int task, int tid) {
+    (void)part;
+    stage_args *a = arg;
+    const kt_ctx *ctx = a->ctx;
+    int e = a->active[task], r = ctx->r, H = ctx->H;
+    float *bdT = kt_scratch(a->eng, tid, sizeof(float) * (size_t)r * H);
+    if (!bdT) {
+        fail(a, 2, 0);
+        return;
+    }
+    transpose_f32(a->L->down_b + (size_t)e * H * r, (size_t)r, H, r, bdT, (size_t)H);
+    const bf16_t *rows[KT_MAX_MC];
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += a->mc) {
+        int m = (int)zmin((size_t)a->mc, (size_t)(ctx->expert_off[e + 1] - p0));
+        rows_by_token(rows, ctx, a->dyb, (size_t)H, p0, m);
+        a->S->gemm_nt(m, r, H, rows, bdT, (size_t)H, 1, a->bd + (size_t)p0 * r, (size_t)r);
+    }
+}
+
+/* Down backward + activation backward, and the LoRA grads this (expert, column block) owns:
+ * dA_d[:, block], dB_g[block, :], dB_u[block, :]. Task = (active expert, column block of the part). */
+static void bwd_down_act_task(void *arg, int part, int task, int tid) {
+    stage_args *a = arg;
+    const kt_slots *S = a->S;
+    const kt_ctx *ctx = a->ctx;
+    const kt_layer *L = a->L;
+    int nblk = a->nblk_b[part], blk = task % nblk, NBB = a->nbb, MC = a->mc;
+    int e = a->active[task / nblk], me = expert_rows(ctx, e);
+    int i0 = ctx->part_i0[part], Ip = ctx->part_i0[part + 1] - i0;
+    int n0 = blk * NBB, nb = Ip - n0 < NBB ? Ip - n0 : NBB;
+    int H = L->H, r = L->r, I = L->I;
+    float s = a->s;
+    size_t wb = S->bop_bytes(S, &L->down[part], KT_NN, H, nb, me);
+    size_t lora = (size_t)r * (4 * (size_t)MC + 2 * (size_t)NBB);
+    size_t fbytes = st_round64(sizeof(float) * (4 * (size_t)MC * NBB + lora));
+    char *base = kt_scratch(a->eng, tid, fbytes + wb);
+    if (!base) {
+        fail(a, 2, 0);
+        return;
+    }
+    float *c = (float *)base;
+    float *hf = c + (size_t)MC * NBB, *dgf = hf + (size_t)MC * NBB, *duf = dgf + (size_t)MC * NBB;
+    float *cd = duf + (size_t)MC * NBB, *cg = cd + (size_t)MC * r, *cu = cg + (size_t)MC * r;
+    float *bgT = cu + (size_t)MC * r, *buT = bgT + (size_t)r * NBB; /* dB_g^T, dB_u^T of this block */
+    float *cT = buT + (size_t)r * NBB;                                /* [r, m] coefficients */
+    kt_bop bw;
+    S->bop_prep(S, &L->down[part], e, 0, H, n0, nb, KT_NN, me, base + fbytes, &bw);
+    float *gAd = NULL, *gBg = NULL, *gBu = NULL;
+    if (r > 0) {
+        gAd = a->grads[4] + (size_t)e * r * I + i0 + n0;           /* [r, I] at column i0 + n0 */
+        gBg = a->grads[1] + ((size_t)e * I + (size_t)(i0 + n0)) * r; /* [I, r] at row i0 + n0 */
+        gBu = a->grads[3] + ((size_t)e * I + (size_t)(i0 + n0)) * r;
+        for (int j = 0; j < r; j++) memset(gAd + (size_t)j * I, 0, sizeof(float) * (size_t)nb);
+        memset(bgT, 0, sizeof(float) * 2 * (size_t)r * NBB);
+    }
+    const bf16_t *rows[KT_MAX_MC];
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
+        int m = (int)zmin((size_t)MC, (size_t)(ctx->expert_off[e + 1] - p0));
+        rows_by_token(rows, ctx, a->dyb, (size_t)H, p0, m);
+        S->bop_gemm(S, m, rows, &bw, c, (size_t)NBB);
+        if (r > 0) { /* dhu += s (Bd^T dy) Ad[:, block] */
+            for (int i = 0; i < m; i++)
+                for (int j = 0; j < r; j++) cT[(size_t)j * m + i] = s * a->bd[(size_t)(p0 + i) * r + j];
+            S->outer_f32(r, m, nb, cT, (size_t)m, L->down_a + (size_t)e * r * I + i0 + n0, (size_t)I, c, NBB);
+        }
+        for (int i = 0; i < m; i++) {
+            int p = p0 + i;
+            size_t at = (size_t)p * Ip + n0, row = (size_t)i * NBB;
+            a->dwp[part][(size_t)blk * ctx->npairs + p] =
+                S->act_bwd(nb, ctx->g[part] + at, ctx->u[part] + at, c + row, ctx->pair_w[p], hf + row, dgf + row,
+                           duf + row, a->dg[part] + at, a->du[part] + at);
+        }
+        if (r == 0) continue;
+        for (int i = 0; i < m; i++) {
+            int p = p0 + i;
+            float sw = s * ctx->pair_w[p];
+            for (int j = 0; j < r; j++) {
+                cd[(size_t)i * r + j] = sw * a->bd[(size_t)p * r + j];
+                cg[(size_t)i * r + j] = s * ctx->ag[(size_t)p * r + j];
+                cu[(size_t)i * r + j] = s * ctx->au[(size_t)p * r + j];
+            }
+        }
+        S->outer_f32(m, r, nb, cd, (size_t)r, hf, NBB, gAd, (size_t)I);
+        S->outer_f32(m, r, nb, cg, (size_t)r, dgf, NBB, bgT, NBB);
+        S->outer_f32(m, r, nb, cu, (size_t)r, duf, NBB, buT, NBB);
+    }
+    if (r > 0) {
+        transpose_f32(bgT, NBB, r, nb, gBg, (size_t)r);
+        transpose_f32(buT, NBB, r, nb, gBu, (size_t)r);
+    }
+}
+
+/* bg = dg Bg, bu = du Bu over this part's columns. Task = active expert. */
+static void bwd_lora_mid_task(void *arg, int part, int task, int tid) {
+    stage_args *a = arg;
+    const kt_ctx *ctx = a->ctx;
+    const kt_layer *L = a->L;
+    int e = a->active[task], r = L->r;
+    int i0 = ctx->part_i0[part], Ip = ctx->part_i0[part + 1] - i0;
+    float *bgT = kt_scratch(a->eng, tid, sizeof(float) * 2 * (size_t)r * Ip);
+    if (!bgT) {
+        fail(a, 2, 0);
+        return;
+    }
+    float *buT = bgT + (size_t)r * Ip;
+    transpose_f32(L->gate_b + ((size_t)e * L->I + i0) * r, (size_t)r, Ip, r, bgT, (size_t)Ip);
+    transpose_f32(L->up_b + ((size_t)e * L->I + i0) * r, (size_t)r, Ip, r, buT, (size_t)Ip);
+    const bf16_t *rows[KT_MAX_MC];
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += a->mc) {
+        int m = (int)zmin((size_t)a->mc, (size_t)(ctx->expert_off[e + 1] - p0));
+        rows_by_pair(rows, a->dg[part], (size_t)Ip, p0, m);
+        a->S->gemm_nt(m, r, Ip, rows, bgT, (size_t)Ip, 1, a->bg[part] + (size_t)p0 * r, (size_t)r);
+        rows_by_pair(rows, a->du[part], (size_t)Ip, p0, m);
+        a->S->gemm_nt(m, r, Ip, rows, buT, (size_t)Ip, 1, a->bu[part] + (size_t)p0 * r, (size_t)r);
+    }
+}
+
+/* The LoRA grads summed over pairs and parts: dA_g, dA_u, dB_d. Task = expert (all of them: experts with
+ * no pairs get zero grads here, including the slices other stages own). */
+static void bwd_lora_sum_task(void *arg, int part, int task, int tid) {
+    (void)part;
+    stage_args *a = arg;
+    const kt_ctx *ctx = a->ctx;
+    const kt_layer *L = a->L;
+    int e = task, r = L->r, H = L->H, I = L->I, P = ctx->nparts, MC = a->mc;
+    float s = a->s;
+    float *gAg = a->grads[0] + (size_t)e * r * H, *gAu = a->grads[2] + (size_t)e * r * H;
+    float *gBd = a->grads[5] + (size_t)e * H * r;
+    memset(gAg, 0, sizeof(float) * (size_t)r * H);
+    memset(gAu, 0, sizeof(float) * (size_t)r * H);
+    if (expert_rows(ctx, e) == 0) {
+        memset(gBd, 0, sizeof(float) * (size_t)r * H);
+        memset(a->grads[1] + (size_t)e * I * r, 0, sizeof(float) * (size_t)I * r);
+        memset(a->grads[3] + (size_t)e * I * r, 0, sizeof(float) * (size_t)I * r);
+        memset(a->grads[4] + (size_t)e * r * I, 0, sizeof(float) * (size_t)r * I);
+        return;
+    }
+    /* per chunk: s * sum_q bg_q, s * sum_q bu_q, s * w * sum_q ad_q; then dB_d^T [r, H] accumulates */
+    float *cg = kt_scratch(a->eng, tid, sizeof(float) * ((size_t)3 * MC * r + (size_t)r * H));
+    if (!cg) {
+        fail(a, 2, 0);
+        return;
+    }
+    float *cu = cg + (size_t)MC * r, *cd = cu + (size_t)MC * r, *bdT = cd + (size_t)MC * r;
+    memset(bdT, 0, sizeof(float) * (size_t)r * H);
+    const bf16_t *xrows[KT_MAX_MC], *dyrows[KT_MAX_MC];
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
+        int m = (int)zmin((size_t)MC, (size_t)(ctx->expert_off[e + 1] - p0));
+        for (int i = 0; i < m; i++) {
+            size_t at = (size_t)(p0 + i) * r;
+            float sw = s * ctx->pair_w[p0 + i];
+            for (int j = 0; j < r; j++) {
+                float bg = 0.f, bu = 0.f, ad = 0.f;
+                for (int q = 0; q < P; q++) {
+                    bg += a->bg[q][at + j];
+                    bu += a->bu[q][at + j];
+                    ad += ctx->ad[q][at + j];
+                }
+                cg[(size_t)i * r + j] = s * bg;
+                cu[(size_t)i * r + j] = s * bu;
+                cd[(size_t)i * r + j] = sw * ad;
+            }
+        }
+        rows_by_token(xrows, ctx, ctx->x, (size_t)H, p0, m);
+        rows_by_token(dyrows, ctx, a->dyb, (size_t)H, p0, m);
+        a->S->outer_bf16(m, r, H, cg, (size_t)r, xrows, gAg, (size_t)H);
+        a->S->outer_bf16(m, r, H, cu, (size_t)r, xrows, gAu, (size_t)H);
+        a->S->outer_bf16(m, r, H, cd, (size_t)r, dyrows, bdT, (size_t)H);
+    }
+    transpose_f32(bdT, (size_t)H, r, H, gBd, (size_t)r);
+}
+
+/* dx rows per pair = dg Wg + du Wu + s (bg Ag + bu Au), into the part's per-pair buffer; the combine
+ * stage sums each token's pairs. Task = (active expert, column block of H). */
+static void bwd_dx_task(void *arg, int part, int task, int tid) {
+    stage_args *a = arg;
+    const kt_slots *S = a->S;
+    const kt_ctx *ctx = a->ctx;
+    const kt_layer *L = a->L;
+    int H = L->H, r = L->r, MC = a->mc, NBH = a->nbh;
+    hblock b = hblock_of(a, part, task);
+    int e = b.e, n0 = b.n0, nb = b.nb, Ip = b.Ip, me = expert_rows(ctx, e);
+    size_t fbytes = st_round64(sizeof(float) * ((size_t)MC * NBH + 2 * (size_t)r * MC));
+    size_t wg = st_round64(S->bop_bytes(S, &L->gate[part], KT_NN, Ip, nb, me));
+    size_t wu = st_round64(S->bop_bytes(S, &L->up[part], KT_NN, Ip, nb, me));
+    char *base = kt_scratch(a->eng, tid, fbytes + wg + wu);
+    if (!base) {
+        fail(a, 2, 0);
+        return;
+    }
+    float *c2 = (float *)base;
+    kt_bop bg, bu;
+    S->bop_prep(S, &L->gate[part], e, 0, Ip, n0, nb, KT_NN, me, base + fbytes, &bg);
+    S->bop_prep(S, &L->up[part], e, 0, Ip, n0, nb, KT_NN, me, base + fbytes + wg, &bu);
+    const bf16_t *rows[KT_MAX_MC];
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
+        int m = (int)zmin((size_t)MC, (size_t)(ctx->expert_off[e + 1] - p0));
+        float *c1 = b.pairs + (size_t)p0 * H + n0;
+        rows_by_pair(rows, a->dg[part], (size_t)Ip, p0, m);
+        S->bop_gemm(S, m, rows, &bg, c1, (size_t)H);
+        rows_by_pair(rows, a->du[part], (size_t)Ip, p0, m);
+        S->bop_gemm(S, m, rows, &bu, c2, (size_t)NBH);
+        for (int i = 0; i < m; i++) {
+            float *ci = c1 + (size_t)i * H;
+            const float *c2i = c2 + (size_t)i * NBH;
+#pragma omp simd
+            for (int n = 0; n < nb; n++) ci[n] += c2i[n];
+        }
+        if (r > 0) { /* + s (dg Bg) Ag + s (du Bu) Au, as products over the rank */
+            float *cgT = c2 + (size_t)MC * NBH, *cuT = cgT + (size_t)r * MC;
+            for (int i = 0; i < m; i++)
+                for (int j = 0; j < r; j++) {
+                    cgT[(size_t)j * m + i] = a->s * a->bg[part][(size_t)(p0 + i) * r + j];
+                    cuT[(size_t)j * m + i] = a->s * a->bu[part][(size_t)(p0 + i) * r + j];
+                }
+            S->outer_f32(r, m, nb, cgT, (size_t)m, L->gate_a + (size_t)e * r * H + n0, (size_t)H, c1, (size_t)H);
+            S->outer_f32(r, m, nb, cuT, (size_t)m, L->up_a + (size_t)e * r * H + n0, (size_t)H, c1, (size_t)H);
+        }
+    }
+}
+
+static int kt_stages_backward(const kt_slots *S, kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *dy,
+                              int dy_is_f32, void *dx, int dx_is_f32, float *dw, float *const grads[6], char *err) {
+    stage_args a;
+    int rc = setup(&a, S, ctx, L, eng, err);
+    if (rc) return rc;
+    int P = ctx->nparts, T = ctx->T, H = ctx->H, r = ctx->r;
+    size_t np = (size_t)ctx->npairs;
+    a.grads = grads;
+    a.dyb = kt_shared_buffer(eng, KT_SH_DY, sizeof(bf16_t) * (size_t)T * H + 64);
+    int maxblk = 0;
+    for (int p = 0; p < P; p++) maxblk = a.nblk_b[p] > maxblk ? a.nblk_b[p] : maxblk;
+    float *dwp = kt_shared_buffer(eng, KT_SH_DWPART, sizeof(float) * (size_t)P * maxblk * np + 64);
+    float *lora = r > 0 ? kt_shared_buffer(eng, KT_SH_BD, sizeof(float) * np * r * (1 + 2 * (size_t)P) + 64) : NULL;
+    if ((rc = pair_buffer(&a, err))) return rc;
+    if (!a.dyb || !dwp || (r > 0 && !lora)) {
+        snprintf(err, KT_ERRLEN, "out of memory for backward work space");
+        return KT_ENOMEM;
+    }
+    for (int p = 0; p < P; p++) {
+        a.dwp[p] = dwp + (size_t)p * maxblk * np;
+        if (r > 0) {
+            a.bg[p] = lora + np * r * (1 + 2 * (size_t)p);
+            a.bu[p] = a.bg[p] + np * r;
+        }
+    }
+    a.bd = lora;
+    if ((rc = part_matrices(&a, KT_SH_DG, a.dg, err)) || (rc = part_matrices(&a, KT_SH_DU, a.du, err))) return rc;
+    convert_rows(&a, dy, dy_is_f32, a.dyb);
+    if ((rc = finish(&a, "grad_output", err))) return rc;
+
+    int nt[KT_MAX_PARTS];
+    if (r > 0) run_all_timed(&a, "bwd_lora_dy", a.nactive, bwd_lora_dy_task, &a);
+    for (int p = 0; p < P; p++) nt[p] = a.nactive * a.nblk_b[p];
+    run_parts_timed(&a, "bwd_down_act", nt, bwd_down_act_task, &a);
+    if (r > 0) {
+        for (int p = 0; p < P; p++) nt[p] = a.nactive;
+        run_parts_timed(&a, "bwd_lora_mid", nt, bwd_lora_mid_task, &a);
+        run_all_timed(&a, "bwd_lora_sum", ctx->E, bwd_lora_sum_task, &a);
+    }
+    for (int p = 0; p < P; p++) nt[p] = a.nactive * a.nblk_h;
+    run_parts_timed(&a, "bwd_dx", nt, bwd_dx_task, &a);
+    combine_pairs(&a, dx, dx_is_f32);
+    if ((rc = finish(&a, "grad_output", err))) return rc;
+
+    /* routing-weight grads: sum the (part, block) partials of each pair */
+    memset(dw, 0, sizeof(float) * (size_t)T * ctx->k);
+    for (size_t p = 0; p < np; p++) {
+        float acc = 0.f;
+        for (int q = 0; q < P; q++)
+            for (int b = 0; b < a.nblk_b[q]; b++) acc += a.dwp[q][(size_t)b * np + p];
+        dw[ctx->pair_slot[p]] += acc;
+    }
+    return KT_OK;
+}
+
+#endif

@@ -1,0 +1,137 @@
+/* The slot contract: what an ISA level provides, and what the MoE algorithm (moe/) may call.
+ *
+ * A level is one row of the registry (core/levels.c): a name, a parent, a usability test, an optional
+ * per-thread init hook, its blocking data, and a table of slots. A NULL slot (or a 0 blocking field) is
+ * inherited from the parent, so a level overrides only what it has; the root (portable) fills everything.
+ * The registry resolves the chain once; the algorithm receives the resolved table and never asks which
+ * ISA or weight format it runs on.
+ *
+ * Operands (fp32 accumulation everywhere):
+ *   A        activation rows, bf16, given as an array of M row pointers (a gather by token costs nothing)
+ *   W        a block of an expert's frozen weights, described by a kt_wmat (format + view)
+ *   C        fp32 rows, stride ldc >= N, overwritten (never accumulated), padding past N untouched
+ *
+ * Slots:
+ *   gemm_nt / gemm_nn    GEMM on bf16 panels: C = A B^T (B [N, K], or fp32 with b_is_f32) / C = A B (B [K, N])
+ *   decode_run[fmt]      decode n weights of one row inside one scale block to bf16 (format -> row layout)
+ *   qdot_small           small-M fused quantized product C = A W, W decoded in registers (optional)
+ *   bop_bytes/prep/gemm  the packed-panel GEMM: prep makes a block of W ready (in place, decoded, packed
+ *                        into the level's tile layout, or left for the fused kernel) as a kt_bop descriptor,
+ *                        then bop_gemm runs any number of row chunks against it
+ *   outer_f32/outer_bf16 LoRA products: out[j, n] += sum_p coef[p, j] x_p[n]
+ *   act_fwd / act_bwd    the SiLU-gated activation and its backward, with the bf16 rounding of the saved values
+ *   forward / backward   the algorithm itself (moe/stages.c, compiled per vector width)
+ *   peak_loop            one thread's multiply-accumulate loop (the bench's peak)
+ */
+#ifndef KTMOE_SLOTS_H
+#define KTMOE_SLOTS_H
+
+#include "base.h"
+#include "ktmoe.h"
+
+struct kt_ctx;
+typedef struct kt_slots kt_slots;
+
+enum { KT_NT = 0, KT_NN = 1 };  /* C = A W^T (block rows are the N outputs) / C = A W (block rows are K) */
+enum { KT_BOP_ROWS = 0, KT_BOP_PANEL = 1, KT_BOP_FUSED = 2 };
+
+/* A prepared weight operand (a descriptor first, then the kernel). The block is rows [r0, r0 + nr) x
+ * columns [c0, c0 + nc) of expert e's matrix, relative to the part's view; N and K follow from trans. */
+typedef struct {
+    int kind, trans, N, K;
+    const bf16_t *w;     /* KT_BOP_ROWS: bf16 values of the block, row stride ld */
+    size_t ld;
+    const void *panel;   /* KT_BOP_PANEL: the level's packed layout */
+    const kt_wmat *src;  /* KT_BOP_FUSED: decoded inside the kernel */
+    int e, r0, c0;
+    void *work;          /* bop_gemm's own scratch (A packing, fp32 rows, decode tables) */
+} kt_bop;
+
+/* Blocking and crossovers: data, per level. 0 inherits. */
+typedef struct {
+    int mc;                        /* rows of A per GEMM call (<= KT_MAX_MC) */
+    int nb;                        /* intermediate columns per forward gate/up task (<= KT_MAX_NB) */
+    int nbb;                       /* intermediate columns per backward down task (<= KT_MAX_NB) */
+    int nbh;                       /* columns of H per task of the stages that write rows of H (<= KT_MAX_NB) */
+    int fused_max_m[KT_W_COUNT];   /* experts with at most this many rows take qdot_small (-1: never) */
+    int tile_min_m;                /* tile levels: fewer rows take the parent's kernels */
+} kt_blocking;
+
+#define KT_MAX_MC 256
+#define KT_MAX_NB 256
+
+typedef void (*kt_decode_fn)(const kt_wmat *w, int e, int r, int c, int n, bf16_t *dst);
+
+struct kt_slots {
+    void (*gemm_nt)(int M, int N, int K, const bf16_t *const *a, const void *b, size_t ldb, int b_is_f32,
+                    float *c, size_t ldc);
+    void (*gemm_nn)(int M, int N, int K, const bf16_t *const *a, const bf16_t *b, size_t ldb, float *c,
+                    size_t ldc);
+    /* row r and column c are inside expert e's matrix (view offsets already applied); the n values from c
+     * lie in one scale block */
+    kt_decode_fn decode_run[KT_W_COUNT];
+    /* C[p][j] (+)= sum_{k < K} af_p[k] W[r0 + k][c0 + j], p < m, j < nc; af fp32 rows (stride lda);
+     * lut: 16 * K floats of scratch. Supports the formats whose fused_max_m is >= 0. */
+    void (*qdot_small)(int m, int nc, int K, const float *af, size_t lda, const kt_wmat *w, int e, int r0, int c0,
+                       float *c, size_t ldc, int accumulate, float *lut);
+    size_t (*bop_bytes)(const kt_slots *S, const kt_wmat *w, int trans, int nr, int nc, int m);
+    void (*bop_prep)(const kt_slots *S, const kt_wmat *w, int e, int r0, int nr, int c0, int nc, int trans, int m,
+                     void *scratch, kt_bop *b);
+    void (*bop_gemm)(const kt_slots *S, int M, const bf16_t *const *a, const kt_bop *b, float *c, size_t ldc);
+    void (*outer_f32)(int M, int R, int N, const float *coef, size_t ldcoef, const float *x, size_t ldx,
+                      float *out, size_t ldo);
+    void (*outer_bf16)(int M, int R, int N, const float *coef, size_t ldcoef, const bf16_t *const *x, float *out,
+                       size_t ldo);
+    /* g, u fp32 pre-activations -> their bf16 roundings and h = bf16(silu(g) u) of the rounded values */
+    void (*act_fwd)(int n, const float *g, const float *u, bf16_t *gb, bf16_t *ub, bf16_t *h);
+    /* from saved bf16 g, u and dhu = dL/dh / w: h (recomputed exactly), dg, du (fp32 and bf16) for dh = w
+     * dhu; returns <dhu, h> (the routing-weight gradient's share) */
+    float (*act_bwd)(int n, const bf16_t *g, const bf16_t *u, const float *dhu, float w, float *h, float *dg,
+                     float *du, bf16_t *dgb, bf16_t *dub);
+    int (*forward)(const kt_slots *S, struct kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *x,
+                   int x_is_f32, void *out, int out_is_f32, char *err);
+    int (*backward)(const kt_slots *S, struct kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *dy,
+                    int dy_is_f32, void *dx, int dx_is_f32, float *dw, float *const grads[6], char *err);
+    double (*peak_loop)(long iters);
+    /* filled by the registry */
+    kt_blocking blk;
+    const char *name;
+    const kt_slots *parent;       /* resolved parent (fallbacks call it), NULL for the root */
+    void (*thread_init)(void);    /* run once by every engine thread before its first task at this level */
+};
+
+/* One registry row. */
+typedef struct {
+    const char *name;
+    int id, parent;               /* parent id; KT_PARENT_BEST_PLAIN: the best usable level without tiles */
+    int autoselect;
+    int (*usable)(char *why, size_t len); /* NULL: always */
+    void (*thread_init)(void);
+    kt_blocking blk;
+    kt_slots slots;
+} kt_level;
+
+#define KT_PARENT_BEST_PLAIN (-2)
+
+/* The resolved table of the active level (never NULL after kt_isa_active()). */
+const kt_slots *kt_slots_active(void);
+const kt_slots *kt_slots_of(int level); /* NULL when not usable */
+
+/* Default prepared-operand slots (core/bop.c): bf16 in place, other formats decoded into row blocks,
+ * small-M quantized NN products left to qdot_small. */
+size_t kt_bop_bytes_rows(const kt_slots *S, const kt_wmat *w, int trans, int nr, int nc, int m);
+void kt_bop_prep_rows(const kt_slots *S, const kt_wmat *w, int e, int r0, int nr, int c0, int nc, int trans, int m,
+                      void *scratch, kt_bop *b);
+void kt_bop_gemm_rows(const kt_slots *S, int M, const bf16_t *const *a, const kt_bop *b, float *c, size_t ldc);
+/* Decodes a block through S->decode_run: rows [r0, r0 + nr) x cols [c0, c0 + nc) of expert e, view
+ * coordinates, into dst (row stride nc). */
+void kt_decode_block(const kt_slots *S, const kt_wmat *w, int e, int r0, int nr, int c0, int nc, bf16_t *dst);
+
+/* Scale block index of (row, col) of expert e, absolute coordinates in the expert's matrix. */
+static inline size_t kt_scale_index(const kt_wmat *w, int e, int r, int c) {
+    size_t rb = (size_t)((w->rows + w->block_rows - 1) / w->block_rows);
+    size_t ng = (size_t)((w->cols + w->group - 1) / w->group);
+    return ((size_t)e * rb + (size_t)(r / w->block_rows)) * ng + (size_t)(c / w->group);
+}
+
+#endif
