@@ -29,6 +29,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from .formats import Packed, WeightFormat, expert_shapes
+from ._version import __version__
 
 MANIFEST_NAME = "ktmoe_weights.json"
 LAYOUT_VERSION = 1          # version of the folder layout / manifest schema (this module)
@@ -235,7 +236,6 @@ def write_layer(folder: str, layer_idx: int, weight_format: WeightFormat, packed
                 raise WeightFileError(f"{manifest_path}: the folder holds {key}={m.get(key)!r}, this layer has "
                                       f"{v!r}; write to a new folder")
     else:
-        from . import __version__
         m = dict(header, layers={}, created_by=f"ktmoe {__version__}")
     if method is not None:
         m["method"] = method

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .. import __version__ as ktmoe_version
+from .._version import __version__ as ktmoe_version
 from ..engine import cpu_info, get_engine, set_isa
 from ..experts import KTMoEWrapper
 from ..methods import REGISTRY, SFT_METHODS

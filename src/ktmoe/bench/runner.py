@@ -14,8 +14,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .. import __version__ as ktmoe_version
 from .. import _core
+from .._version import __version__ as ktmoe_version
 from ..engine import cpu_info, get_engine, set_isa
 from ..experts import KTMoEWrapper
 from ..reference import LORA_NAMES, moe_reference
