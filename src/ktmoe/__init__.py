@@ -2,10 +2,10 @@
 from ._version import __version__
 from .engine import available_isa_levels, cpu_info, set_isa
 from .experts import KTMoEWrapper
+from .lora import LORA_NAMES
 from .methods import INFERENCE_METHODS, REGISTRY, SFT_METHODS
-from .reference import LORA_NAMES, moe_reference
+from .reference import moe_reference
 from .sft import BaseSFTMoEWrapper, KTMoEExperts, KTMoEFunction
-
 
 __all__ = ["KTMoEWrapper", "KTMoEExperts", "KTMoEFunction", "BaseSFTMoEWrapper", "SFT_METHODS",
            "INFERENCE_METHODS", "REGISTRY", "LORA_NAMES", "cpu_info", "set_isa", "available_isa_levels",

@@ -18,7 +18,8 @@ from .. import _core
 from .._version import __version__ as ktmoe_version
 from ..engine import cpu_info, get_engine, set_isa
 from ..experts import KTMoEWrapper
-from ..reference import LORA_NAMES, moe_reference
+from ..lora import LORA_NAMES
+from ..reference import moe_reference
 from ..sft import base as _sft_base
 from . import workload as wl
 from .peer import Peer, PeerError

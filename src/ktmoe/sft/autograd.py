@@ -13,7 +13,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..reference import LORA_NAMES
+from ..lora import LORA_NAMES
 from .base import BaseSFTMoEWrapper
 
 

@@ -13,7 +13,7 @@ import torch
 from .. import _core
 from ..engine import get_engine
 from ..formats import WeightFormat, expert_shapes
-from ..reference import LORA_NAMES
+from ..lora import LORA_NAMES, lora_shapes
 
 _FLOAT_INPUTS = (torch.bfloat16, torch.float32, torch.float16)
 _ID_DTYPES = (torch.int64, torch.int32)
@@ -210,9 +210,7 @@ class BaseSFTMoEWrapper:
 
     # ---- LoRA ----
     def lora_shapes(self) -> Dict[str, Tuple[int, int, int]]:
-        E, H, I, r = self.E, self.H, self.I, self.lora_rank
-        return dict(gate_lora_a=(E, r, H), gate_lora_b=(E, I, r), up_lora_a=(E, r, H), up_lora_b=(E, I, r),
-                    down_lora_a=(E, r, I), down_lora_b=(E, H, r))
+        return lora_shapes(self.E, self.H, self.I, self.lora_rank)
 
     def init_lora_weights(self, gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b) -> None:
         """Binds the six LoRA tensors. fp32 contiguous CPU tensors are read in place (an optimizer updating
