@@ -19,6 +19,7 @@ from .._version import __version__ as ktmoe_version
 from ..engine import cpu_info, get_engine, set_isa
 from ..experts import KTMoEWrapper
 from ..lora import LORA_NAMES
+from ..methods import REGISTRY
 from ..reference import moe_reference
 from ..sft import base as _sft_base
 from . import workload as wl
@@ -198,7 +199,6 @@ def _aliased(wrapper, tensors) -> bool:
 
 def _format_bits(method: str) -> int:
     try:
-        from ..methods import REGISTRY
         return int(getattr(REGISTRY[method].weight_format, "bits", 16))
     except Exception:
         return 16

@@ -1,6 +1,6 @@
 """LoRA fine-tuning wrappers: the stage composition and its PyTorch autograd binding."""
 from .base import BaseSFTMoEWrapper
-from .amx import AMXSFTMoEWrapper, InferenceMoEWrapper
+from .wrappers import AMXSFTMoEWrapper, InferenceMoEWrapper
 from .autograd import KTMoEExperts, KTMoEFunction
 
 __all__ = ["BaseSFTMoEWrapper", "AMXSFTMoEWrapper", "InferenceMoEWrapper", "KTMoEExperts", "KTMoEFunction"]
