@@ -5,7 +5,8 @@ from .experts import KTMoEWrapper
 from .lora import LORA_NAMES
 from .methods import INFERENCE_METHODS, REGISTRY, SFT_METHODS
 from .reference import moe_reference
-from .sft import BaseSFTMoEWrapper, KTMoEExperts, KTMoEFunction
+from .sft import BaseSFTMoEWrapper
+from .torch_module import KTMoEExperts, KTMoEFunction
 
 __all__ = ["KTMoEWrapper", "KTMoEExperts", "KTMoEFunction", "BaseSFTMoEWrapper", "SFT_METHODS",
            "INFERENCE_METHODS", "REGISTRY", "LORA_NAMES", "cpu_info", "set_isa", "available_isa_levels",
