@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import ktmoe
+from ktmoe.lora import lora_shapes
 
 THREADS = 2  # every wrapper in the suite uses the same engine size (a different one warns)
 
@@ -99,11 +100,6 @@ def make_expert_weights(E: int, H: int, I: int, g: torch.Generator, dtype=torch.
     up = torch.randn(E, I, H, generator=g) / math.sqrt(H)
     down = torch.randn(E, H, I, generator=g) / math.sqrt(I)
     return tuple(t.to(torch.bfloat16).to(dtype) for t in (gate, up, down))
-
-
-def lora_shapes(E: int, H: int, I: int, r: int) -> Dict[str, Tuple[int, int, int]]:
-    return dict(gate_lora_a=(E, r, H), gate_lora_b=(E, I, r), up_lora_a=(E, r, H), up_lora_b=(E, I, r),
-                down_lora_a=(E, r, I), down_lora_b=(E, H, r))
 
 
 def make_lora(E: int, H: int, I: int, r: int, g: torch.Generator, scale: float = 0.1) -> Dict[str, torch.Tensor]:

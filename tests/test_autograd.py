@@ -11,7 +11,8 @@ from torch import nn
 
 import ktmoe
 from conftest import (THREADS, assert_close_rel, bf16_round, gen, make_expert_weights, make_ids, make_lora,
-                      make_routing_weights, make_x, lora_shapes, record)
+                      make_routing_weights, make_x, record)
+from ktmoe.lora import lora_shapes
 from tolerances import (LOSS_CURVE_MEAN_REL, LOSS_CURVE_REL, LOSS_CURVE_SPIKE_REL, LOSS_DECREASE_FACTOR, REL_L2,
                         RSS_SLACK_BYTES, SAME_PATH_REL_L2)
 
@@ -26,8 +27,7 @@ class RefExperts(nn.Module):
         for n, t in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
             self.register_buffer(n, t.detach().float().clone())
         E, I, H = gate.shape
-        shapes = dict(gate_lora_a=(E, lora_rank, H), gate_lora_b=(E, I, lora_rank), up_lora_a=(E, lora_rank, H),
-                      up_lora_b=(E, I, lora_rank), down_lora_a=(E, lora_rank, I), down_lora_b=(E, H, lora_rank))
+        shapes = lora_shapes(E, H, I, lora_rank)
         for n, s in shapes.items():
             self.register_parameter(n, nn.Parameter(torch.zeros(s)))
         self.scaling = lora_alpha / lora_rank

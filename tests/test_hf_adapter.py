@@ -13,7 +13,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 import ktmoe.hf as kh  # noqa: E402
 from conftest import THREADS, rel  # noqa: E402  (one engine size for the whole suite)
-from ktmoe.reference import LORA_NAMES  # noqa: E402
+from ktmoe.lora import LORA_NAMES  # noqa: E402
 
 LOGITS_RTOL = 1e-2  # converted (bf16 activations in the experts) vs plain fp32 PEFT: see test_hf_families.py
 E, H, I = 4, 32, 16  # the tiny models' expert shapes

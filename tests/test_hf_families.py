@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 
 import ktmoe.hf as kh  # noqa: E402
 from conftest import THREADS, rel  # noqa: E402  (one engine size for the whole suite)
-from ktmoe.reference import LORA_NAMES  # noqa: E402
+from ktmoe.lora import LORA_NAMES  # noqa: E402
 
 FAMILIES = sorted(kh.families())  # every registered family is tested
 

@@ -1,10 +1,15 @@
-"""KTMoEWrapper: the one front door. mode= and method= pick the wrapper; everything native stays hidden."""
+"""KTMoEWrapper: the one front door. mode= and method= pick the wrapper; everything native stays hidden.
+
+The factory joins the method table (ktmoe.methods, pure data) to the code: the method's mode names the
+wrapper class, its format name the weight format, which the class receives through its constructor."""
 from __future__ import annotations
 
-from .methods import INFERENCE_METHODS, REGISTRY, SFT_METHODS
+from .formats import get_format
+from .methods import INFERENCE_METHODS, MODES, REGISTRY, SFT_METHODS
 from .sft.base import BaseSFTMoEWrapper
+from .sft.wrappers import AMXSFTMoEWrapper, InferenceMoEWrapper
 
-MODES = ("sft", "inference")
+WRAPPERS = {"sft": AMXSFTMoEWrapper, "inference": InferenceMoEWrapper}  # mode (ktmoe.methods.MODES) -> class
 
 
 def KTMoEWrapper(*, mode: str = "sft", method: str = "AMXBF16_SFT", **kwargs) -> BaseSFTMoEWrapper:
@@ -22,7 +27,4 @@ def KTMoEWrapper(*, mode: str = "sft", method: str = "AMXBF16_SFT", **kwargs) ->
             hint = f" ({method} is a{'n inference' if mode == 'sft' else ' training'} method)"
         raise ValueError(f"unknown method {method!r} for mode={mode!r}{hint}; valid: {', '.join(sorted(valid))}")
     spec = REGISTRY[method]
-    wrapper = spec.wrapper.__new__(spec.wrapper)
-    wrapper.weight_format = spec.weight_format
-    wrapper.__init__(method=method, **kwargs)
-    return wrapper
+    return WRAPPERS[spec.mode](weight_format=get_format(spec.format_name), method=method, **kwargs)

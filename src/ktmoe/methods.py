@@ -1,41 +1,45 @@
-"""The method registry: a method name picks a weight format and a wrapper class.
+"""The method table: a method name picks a mode (training or inference) and a weight format, by name.
 
-Adding a method is one `register()` line here plus its format (ktmoe/formats.py) and kernels;
+Pure data: the factory (experts.py) turns a mode into a wrapper class and a format name into a format
+(ktmoe.formats). Adding a method is one `register()` line here plus its format and kernels;
 KTMoEWrapper and BaseSFTMoEWrapper never change for it, and the tests iterate over the registry."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Type
+from typing import Dict, FrozenSet
 
-from .formats import (BF16Format, Int4Format, Int4KGroupFormat, Int4ZeroFormat, Int4ZeroKGroupFormat, Int8Format,
-                      WeightFormat)
-from .sft.amx import AMXSFTMoEWrapper, InferenceMoEWrapper
-from .sft.base import BaseSFTMoEWrapper
+MODES = ("sft", "inference")
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    mode: str                       # "sft" or "inference"
-    weight_format: WeightFormat
-    wrapper: Type[BaseSFTMoEWrapper]
+    mode: str          # one of MODES
+    format_name: str   # a key of ktmoe.formats.FORMATS
+
+    @property
+    def weight_format(self):
+        """The format instance, for callers that inspect it (bits, per_group) or read weight folders."""
+        from .formats import get_format  # late: the table itself needs nothing but the standard library
+
+        return get_format(self.format_name)
 
 
 REGISTRY: Dict[str, Method] = {}
 
 
-def register(name: str, weight_format: WeightFormat) -> None:
+def register(name: str, format_name: str) -> None:
     """Registers NAME_SFT (training) and NAME (inference) for one weight format."""
-    REGISTRY[name + "_SFT"] = Method(name + "_SFT", "sft", weight_format, AMXSFTMoEWrapper)
-    REGISTRY[name] = Method(name, "inference", weight_format, InferenceMoEWrapper)
+    REGISTRY[name + "_SFT"] = Method(name + "_SFT", "sft", format_name)
+    REGISTRY[name] = Method(name, "inference", format_name)
 
 
-register("AMXBF16", BF16Format())
-register("AMXINT8", Int8Format())
-register("AMXINT4", Int4Format())
-register("AMXINT4_1", Int4ZeroFormat())
-register("AMXINT4_KGroup", Int4KGroupFormat())
-register("AMXINT4_1KGroup", Int4ZeroKGroupFormat())
+register("AMXBF16", "bf16")
+register("AMXINT8", "int8")
+register("AMXINT4", "int4")
+register("AMXINT4_1", "int4_1")
+register("AMXINT4_KGroup", "int4_kgroup")
+register("AMXINT4_1KGroup", "int4_1_kgroup")
 
 SFT_METHODS: FrozenSet[str] = frozenset(n for n, m in REGISTRY.items() if m.mode == "sft")
 INFERENCE_METHODS: FrozenSet[str] = frozenset(n for n, m in REGISTRY.items() if m.mode == "inference")

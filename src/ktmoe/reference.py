@@ -9,7 +9,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-LORA_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
+from .lora import LORA_NAMES
 
 
 def _lora(inp: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -28,8 +28,10 @@ def moe_reference(
 ) -> torch.Tensor:
     """y[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]); ids of -1 are skipped.
 
-    gate_proj, up_proj: [E, I, H]; down_proj: [E, H, I]; lora: the six tensors named in LORA_NAMES
-    ([E, r, H], [E, I, r], [E, r, H], [E, I, r], [E, r, I], [E, H, r]); scaling = lora_alpha / r."""
+    gate_proj, up_proj: [E, I, H]; down_proj: [E, H, I]; lora: the six tensors named in ktmoe.lora.LORA_NAMES
+    (shapes: ktmoe.lora.lora_shapes); scaling = lora_alpha / r."""
+    if lora is not None:
+        ga, gb, ua, ub, da, db = (lora[n] for n in LORA_NAMES)
     y = torch.zeros_like(x)
     ids = expert_ids.long()
     for e in range(gate_proj.shape[0]):
@@ -40,11 +42,11 @@ def moe_reference(
         g = xe @ gate_proj[e].t()
         u = xe @ up_proj[e].t()
         if lora is not None:
-            g = g + _lora(xe, lora["gate_lora_a"][e], lora["gate_lora_b"][e], scaling)
-            u = u + _lora(xe, lora["up_lora_a"][e], lora["up_lora_b"][e], scaling)
+            g = g + _lora(xe, ga[e], gb[e], scaling)
+            u = u + _lora(xe, ua[e], ub[e], scaling)
         h = F.silu(g) * u
         d = h @ down_proj[e].t()
         if lora is not None:
-            d = d + _lora(h, lora["down_lora_a"][e], lora["down_lora_b"][e], scaling)
+            d = d + _lora(h, da[e], db[e], scaling)
         y = y.index_add(0, tok, d * weights[tok, slot].unsqueeze(1).to(d.dtype))
     return y

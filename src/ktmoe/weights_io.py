@@ -28,7 +28,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .formats import Packed, WeightFormat, expert_shapes
+from ._version import __version__
+from .formats import FORMATS, Packed, WeightFormat, expert_shapes
 
 MANIFEST_NAME = "ktmoe_weights.json"
 LAYOUT_VERSION = 1          # version of the folder layout / manifest schema (this module)
@@ -235,7 +236,6 @@ def write_layer(folder: str, layer_idx: int, weight_format: WeightFormat, packed
                 raise WeightFileError(f"{manifest_path}: the folder holds {key}={m.get(key)!r}, this layer has "
                                       f"{v!r}; write to a new folder")
     else:
-        from . import __version__
         m = dict(header, layers={}, created_by=f"ktmoe {__version__}")
     if method is not None:
         m["method"] = method
@@ -407,11 +407,8 @@ def verify_folder(folder: str, weight_format: Optional[WeightFormat] = None, *, 
 
 
 def format_by_name(name: str, where: str = "") -> WeightFormat:
-    """The registry's WeightFormat whose .name is `name`."""
-    from .methods import REGISTRY
-
-    for meth in REGISTRY.values():
-        if meth.weight_format.name == name:
-            return meth.weight_format
-    known = sorted({m.weight_format.name for m in REGISTRY.values()})
-    raise WeightFileError(f"{where + ': ' if where else ''}unknown weight format {name!r} (known: {known})")
+    """The registered WeightFormat whose .name is `name` (ktmoe.formats.FORMATS)."""
+    if name not in FORMATS:
+        raise WeightFileError(f"{where + ': ' if where else ''}unknown weight format {name!r} "
+                              f"(known: {sorted(FORMATS)})")
+    return FORMATS[name]

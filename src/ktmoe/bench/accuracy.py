@@ -26,11 +26,12 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .. import __version__ as ktmoe_version
+from .._version import __version__ as ktmoe_version
 from ..engine import cpu_info, get_engine, set_isa
 from ..experts import KTMoEWrapper
+from ..lora import LORA_NAMES
 from ..methods import REGISTRY, SFT_METHODS
-from ..reference import LORA_NAMES, moe_reference
+from ..reference import moe_reference
 from . import workload as wl
 from .peer import Peer, PeerError
 from .report import notes_section

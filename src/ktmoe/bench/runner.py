@@ -14,11 +14,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .. import __version__ as ktmoe_version
 from .. import _core
+from .._version import __version__ as ktmoe_version
 from ..engine import cpu_info, get_engine, set_isa
 from ..experts import KTMoEWrapper
-from ..reference import LORA_NAMES, moe_reference
+from ..lora import LORA_NAMES
+from ..methods import REGISTRY
+from ..reference import moe_reference
 from ..sft import base as _sft_base
 from . import workload as wl
 from .peer import Peer, PeerError
@@ -197,7 +199,6 @@ def _aliased(wrapper, tensors) -> bool:
 
 def _format_bits(method: str) -> int:
     try:
-        from ..methods import REGISTRY
         return int(getattr(REGISTRY[method].weight_format, "bits", 16))
     except Exception:
         return 16

@@ -32,6 +32,7 @@ import torch
 
 from .. import weights_io
 from ..formats import Packed, WeightFormat
+from ..methods import REGISTRY, Method
 
 __all__ = ["convert_checkpoint", "Checkpoint", "LayerSource", "find_moe_layers", "parse_layers", "ConvertError"]
 
@@ -379,9 +380,7 @@ class Progress:
 
 
 # -------------------------------------------------------------------------------------------- conversion
-def _method(method: str):
-    from ..methods import REGISTRY
-
+def _method(method: str) -> Method:
     if method not in REGISTRY:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[method]

@@ -38,7 +38,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..reference import LORA_NAMES
+from ..lora import LORA_NAMES
 from .convert import base_model_of, convert_model, routed_experts
 from .experts import KTMoEHFExperts
 from .families import get_family

@@ -10,7 +10,7 @@ Differences from the plain `KTMoEExperts`:
 * `.to()`, `.cuda()`, `.half()` on the model leave this module alone: the LoRA stays fp32 on the CPU, where the
   kernels read it in place (an optimizer step is seen by the next forward with no copy).
 * It takes transformers' argument names (top_k_index, top_k_weights). Gradient checkpointing works as for
-  `KTMoEExperts` (see `ktmoe.sft.autograd.KTMoEFunction`).
+  `KTMoEExperts` (see `ktmoe.torch_module.KTMoEFunction`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ..sft.autograd import KTMoEExperts, live_saved_forwards  # noqa: F401 (re-exported for tests)
+from ..torch_module import KTMoEExperts, live_saved_forwards  # noqa: F401 (re-exported for tests)
 
 
 class KTMoEHFExperts(KTMoEExperts):

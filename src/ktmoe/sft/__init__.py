@@ -1,6 +1,6 @@
-"""LoRA fine-tuning wrappers: the stage composition and its PyTorch autograd binding."""
+"""The wrappers: the stage composition (base.py) and the concrete training and inference classes
+(wrappers.py). The PyTorch binding lives in ktmoe.torch_module."""
 from .base import BaseSFTMoEWrapper
-from .amx import AMXSFTMoEWrapper, InferenceMoEWrapper
-from .autograd import KTMoEExperts, KTMoEFunction
+from .wrappers import AMXSFTMoEWrapper, InferenceMoEWrapper
 
-__all__ = ["BaseSFTMoEWrapper", "AMXSFTMoEWrapper", "InferenceMoEWrapper", "KTMoEExperts", "KTMoEFunction"]
+__all__ = ["BaseSFTMoEWrapper", "AMXSFTMoEWrapper", "InferenceMoEWrapper"]

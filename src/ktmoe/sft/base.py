@@ -2,8 +2,9 @@
 
 It owns the layer description handed to C (dims, weight views per TP part, LoRA addresses), checks every
 argument before anything reaches native code, moves tensors to and from the caller's device, and splits
-batches larger than `chunked_prefill_size` into chunks transparently. Formats plug in through
-`ktmoe.formats`; nothing here changes when a method is added."""
+batches larger than `chunked_prefill_size` into chunks transparently. The weight format comes in through
+the constructor (the factory, ktmoe.experts, picks it from the method); nothing here changes when a method
+is added."""
 from __future__ import annotations
 
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -13,7 +14,8 @@ import torch
 from .. import _core
 from ..engine import get_engine
 from ..formats import WeightFormat, expert_shapes
-from ..reference import LORA_NAMES
+from ..lora import LORA_NAMES, lora_shapes
+from ..weights_io import read_layer
 
 _FLOAT_INPUTS = (torch.bfloat16, torch.float32, torch.float16)
 _ID_DTYPES = (torch.int64, torch.int32)
@@ -53,16 +55,21 @@ class SavedForward(NamedTuple):
 class BaseSFTMoEWrapper:
     """Routed experts of one MoE layer on the CPU, forward and backward with LoRA."""
 
-    weight_format: WeightFormat  # set by the concrete class / registry
     method: str = "?"
     trains = True
 
-    def __init__(self, *, layer_idx: int, num_experts: int, num_experts_per_tok: int, hidden_size: int,
-                 moe_intermediate_size: int, num_gpu_experts: int = 0, cpuinfer_threads: Optional[int] = None,
-                 threadpool_count: int = 1, weight_path: Optional[str] = None, chunked_prefill_size: int = 4096,
-                 lora_rank: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0, group_size: int = 128,
+    def __init__(self, *, weight_format: WeightFormat, layer_idx: int, num_experts: int, num_experts_per_tok: int,
+                 hidden_size: int, moe_intermediate_size: int, num_gpu_experts: int = 0,
+                 cpuinfer_threads: Optional[int] = None, threadpool_count: int = 1, weight_path: Optional[str] = None,
+                 chunked_prefill_size: int = 4096, lora_rank: int = 16, lora_alpha: float = 32.0,
+                 lora_dropout: float = 0.0, group_size: int = 128,
                  subpool_cpus: Optional[Sequence[Sequence[int]]] = None, numa_local: Optional[bool] = None,
                  method: Optional[str] = None):
+        """weight_format: how the frozen weights are stored (the factory passes the method's format); the
+        other arguments are KTMoEWrapper's."""
+        if not isinstance(weight_format, WeightFormat):
+            raise TypeError(f"weight_format must be a ktmoe.formats.WeightFormat, got "
+                            f"{type(weight_format).__name__}")
         ints = dict(num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, hidden_size=hidden_size,
                     moe_intermediate_size=moe_intermediate_size, chunked_prefill_size=chunked_prefill_size,
                     threadpool_count=threadpool_count)
@@ -84,6 +91,7 @@ class BaseSFTMoEWrapper:
             raise ValueError(
                 f"moe_intermediate_size={moe_intermediate_size} is not divisible by "
                 f"threadpool_count={threadpool_count}: each TP subpool needs an equal slice")
+        self.weight_format = weight_format
         self.layer_idx = layer_idx
         self.E, self.k, self.H, self.I = num_experts, num_experts_per_tok, hidden_size, moe_intermediate_size
         self.P = threadpool_count
@@ -129,8 +137,6 @@ class BaseSFTMoEWrapper:
         if self.weight_path is None:
             raise ValueError("load_weights() needs weight_path= (a folder of pre-converted weights); "
                              "use load_weights_from_tensors() to load from tensors")
-        from ..weights_io import read_layer  # late: only this path needs safetensors
-
         order = None if physical_to_logical_map is None else self._check_expert_map(physical_to_logical_map)
         packed = read_layer(self.weight_path, self.layer_idx, self.weight_format, self.E, self.H, self.I,
                             self.group_size, order)
@@ -210,9 +216,7 @@ class BaseSFTMoEWrapper:
 
     # ---- LoRA ----
     def lora_shapes(self) -> Dict[str, Tuple[int, int, int]]:
-        E, H, I, r = self.E, self.H, self.I, self.lora_rank
-        return dict(gate_lora_a=(E, r, H), gate_lora_b=(E, I, r), up_lora_a=(E, r, H), up_lora_b=(E, I, r),
-                    down_lora_a=(E, r, I), down_lora_b=(E, H, r))
+        return lora_shapes(self.E, self.H, self.I, self.lora_rank)
 
     def init_lora_weights(self, gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b) -> None:
         """Binds the six LoRA tensors. fp32 contiguous CPU tensors are read in place (an optimizer updating

@@ -1,5 +1,6 @@
-"""The concrete wrappers. The weight format comes from the method registry, so one class serves every
-format: `AMXSFTMoEWrapper` trains LoRA, `InferenceMoEWrapper` only runs forward (LoRA applied if given).
+"""The concrete wrappers, one per mode: `AMXSFTMoEWrapper` trains LoRA, `InferenceMoEWrapper` only runs
+forward (LoRA applied if given). The factory (ktmoe.experts) picks the class from the method's mode and
+passes the method's weight format to its constructor, so one class serves every format.
 The instruction set (AMX, AVX-512-BF16, AVX-512, AVX2, portable C) is chosen at run time by the engine;
 the "AMX" in the name is the method family, as in kt-kernel's naming."""
 from __future__ import annotations

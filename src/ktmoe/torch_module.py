@@ -13,8 +13,9 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..reference import LORA_NAMES
-from .base import BaseSFTMoEWrapper
+from .experts import KTMoEWrapper
+from .lora import LORA_NAMES
+from .sft.base import BaseSFTMoEWrapper
 
 
 # Activations of forwards waiting for their backward, keyed by the id stored in a small handle tensor.
@@ -79,8 +80,6 @@ class KTMoEExperts(nn.Module):
                  method: str = "AMXBF16_SFT", layer_idx: int = 0, generator: Optional[torch.Generator] = None,
                  **wrapper_kwargs):
         super().__init__()
-        from ..experts import KTMoEWrapper  # late: experts imports this package
-
         if gate_proj.dim() != 3 or down_proj.dim() != 3:
             raise ValueError(f"gate_proj must be [E, I, H] and down_proj [E, H, I], got "
                              f"{tuple(gate_proj.shape)} and {tuple(down_proj.shape)}")

@@ -1,9 +1,11 @@
-"""Frozen-weight formats: how a method stores gate/up/down, and the per-TP-part views the kernels read.
+"""What every frozen-weight format shares: the packed tensors, the per-TP-part view the kernels read, and
+the base class that packs, slices and decodes them.
 
 A format packs each projection once ([E, rows, cols], out x in) and describes a view that starts at a TP
 part's slice of the intermediate dimension: rows [i0, ...) of gate/up, columns [i0, ...) of down. The
 kernels decode quantized blocks on the fly, and backward reads the same packed bytes (transposed access),
-so nothing is stored twice. Codes and layouts match enum kt_wfmt in kernels/ktmoe.h."""
+so nothing is stored twice. The byte layouts match enum kt_wfmt in kernels/ktmoe.h; the codes come from
+the native module (native_code)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +13,16 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-FMT_BF16, FMT_INT8, FMT_INT4, FMT_INT4_1 = 0, 1, 2, 3
+from .. import _core
+
+# The values of enum kt_wfmt for a native module that does not list them yet.
+# Drop the fallback once _core exposes WEIGHT_FORMATS.
+_LEGACY_CODES = {"bf16": 0, "int8": 1, "int4": 2, "int4_1": 3}
+
+
+def native_code(name: str) -> int:
+    """The native code of a storage layout ("bf16", "int8", "int4", "int4_1"): what WeightView.fmt carries."""
+    return getattr(_core, "WEIGHT_FORMATS", _LEGACY_CODES)[name]
 
 
 @dataclass(frozen=True)
@@ -52,11 +63,17 @@ def _return_freed_memory() -> None:
         pass
 
 
+def grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+    """[R, C] -> [R, C // group, group]: the blocks that share one scale (and zero)."""
+    R, C = w.shape
+    return w.reshape(R, C // group, group)
+
+
 class WeightFormat:
     """Base class; one subclass per storage format. `per_group` formats take the wrapper's group_size."""
 
-    name = "?"
-    code = -1
+    name = "?"   # the registry's key, written to weight folders
+    code = -1    # native_code() of the byte layout
     bits = 16
     per_group = False
 
@@ -138,103 +155,10 @@ class WeightFormat:
         raise NotImplementedError
 
 
-class BF16Format(WeightFormat):
-    name, code, bits = "bf16", FMT_BF16, 16
-
-    def pack(self, w: torch.Tensor, group_size: int = 128) -> Packed:
-        # A bf16, contiguous CPU tensor is used in place: no second copy of the weights.
-        data = w.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
-        return Packed(data, None, None, tuple(w.shape), w.shape[2])
-
-    def dequantize(self, packed: Packed) -> torch.Tensor:
-        return packed.data.float()
-
-
-def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
-    R, C = w.shape
-    return w.reshape(R, C // group, group)
-
-
-class Int8Format(WeightFormat):
-    """Symmetric int8, one scale per row (or per group)."""
-
-    name, code, bits = "int8", FMT_INT8, 8
-
-    def _quantize(self, w, group):
-        g = _grouped(w, group)
-        scale = g.abs().amax(-1) / 127.0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(g / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-        return q.reshape(w.shape), scale, None
-
-    def _decode(self, codes, scale, zero):
-        return scale * codes
-
-
-def _pack_nibbles(n: torch.Tensor) -> torch.Tensor:
-    """[R, C] values in [0, 15] -> [R, C // 2] bytes, low nibble = even column."""
-    n = n.to(torch.uint8)
-    return (n[:, 0::2] | (n[:, 1::2] << 4)).contiguous()
-
-
-def _unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
-    lo, hi = b & 15, b >> 4
-    return torch.stack([lo, hi], dim=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
-
-
-class Int4Format(WeightFormat):
-    """Symmetric int4: w = scale * (n - 8), n in [0, 15]."""
-
-    name, code, bits = "int4", FMT_INT4, 4
-
-    def group_for(self, cols: int, group_size: int) -> int:
-        if cols % 2:
-            raise ValueError(f"{self.name}: the input size {cols} must be even (two weights per byte)")
-        return super().group_for(cols, group_size)
-
-    def _quantize(self, w, group):
-        g = _grouped(w, group)
-        scale = g.abs().amax(-1) / 7.0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(g / scale.unsqueeze(-1)).clamp_(-8, 7) + 8
-        return _pack_nibbles(q.reshape(w.shape)), scale, None
-
-    def _codes(self, packed):
-        return _unpack_nibbles(packed.data)
-
-    def _decode(self, codes, scale, zero):
-        return scale * codes + (-8.0 * scale)
-
-
-class Int4ZeroFormat(Int4Format):
-    """Asymmetric int4 with a zero point: w = scale * n + zero (zero = the group's minimum)."""
-
-    name, code, bits = "int4_1", FMT_INT4_1, 4
-
-    def _quantize(self, w, group):
-        g = _grouped(w, group)
-        lo, hi = g.amin(-1), g.amax(-1)
-        scale = (hi - lo) / 15.0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        n = torch.round((g - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, 15)
-        return _pack_nibbles(n.reshape(w.shape)), scale, lo
-
-    def _decode(self, codes, scale, zero):
-        return scale * codes + zero
-
-
 class KGroup:
     """Mixin: the same format with one scale (and zero) per `group_size` columns of a row."""
 
     per_group = True
-
-
-class Int4KGroupFormat(KGroup, Int4Format):
-    name = "int4_kgroup"
-
-
-class Int4ZeroKGroupFormat(KGroup, Int4ZeroFormat):
-    name = "int4_1_kgroup"
 
 
 def expert_shapes(E: int, H: int, I: int) -> Tuple[Tuple[int, int, int], ...]:
