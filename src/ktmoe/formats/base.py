@@ -15,14 +15,14 @@ import torch
 
 from .. import _core
 
-# The values of enum kt_wfmt for a native module that does not list them yet.
-# Drop the fallback once _core exposes WEIGHT_FORMATS.
-_LEGACY_CODES = {"bf16": 0, "int8": 1, "int4": 2, "int4_1": 3}
-
-
 def native_code(name: str) -> int:
-    """The native code of a storage layout ("bf16", "int8", "int4", "int4_1"): what WeightView.fmt carries."""
-    return getattr(_core, "WEIGHT_FORMATS", _LEGACY_CODES)[name]
+    """The native code of a storage layout ("bf16", "int8", "int4", "int4_1"): what WeightView.fmt carries,
+    read from the C format table (kernels/formats/formats.c)."""
+    try:
+        return _core.WEIGHT_FORMATS[name]
+    except KeyError:
+        raise ValueError(f"the native module has no weight format {name!r}; it has "
+                         f"{', '.join(_core.WEIGHT_FORMATS)}") from None
 
 
 @dataclass(frozen=True)
