@@ -403,7 +403,9 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
     if result.unexpected_keys:
         raise ValueError(f"{path}: {len(result.unexpected_keys)} adapter tensors match no LoRA module of this model, "
                          f"e.g. {result.unexpected_keys[:3]}")
-    missing = [k for k in result.missing_keys if f".{adapter_name}." in k and "lora_" in k]
+    expert_prefixes = tuple(_PREFIX + n + "." for n in experts)  # loaded above
+    missing = [k for k in result.missing_keys if f".{adapter_name}." in k and "lora_" in k
+               and not k.startswith(expert_prefixes)]
     if missing:
         raise ValueError(f"{path}: the adapter lacks {len(missing)} LoRA tensors of this model, e.g. {missing[:3]}")
 
