@@ -68,8 +68,11 @@ def save_pretrained(model, original: Callable, save_directory, *args, state_dict
         state_dict = model.state_dict()
     prefixes = tuple(n + "." for n in experts)
     rest = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
-    original(save_directory, state_dict=rest, is_main_process=is_main_process,
-             save_original_format=save_original_format, **kwargs)
+    import inspect
+
+    if "save_original_format" in inspect.signature(original).parameters:  # transformers versions without it
+        kwargs["save_original_format"] = save_original_format           # write the fused layout
+    original(save_directory, state_dict=rest, is_main_process=is_main_process, **kwargs)
     if not is_main_process:
         return
 
