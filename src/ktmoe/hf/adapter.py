@@ -39,8 +39,9 @@ import torch
 from torch import nn
 
 from ..lora import LORA_NAMES
-from .convert import base_model_of, convert_model, routed_experts
+from .convert import base_model_of, convert_model, routed_experts, unwrap_model
 from .experts import KTMoEHFExperts
+from .peft_layout import block_diagonal_mask, expert_lora_to_peft, peft_to_expert_lora
 from .families import get_family
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -56,90 +57,6 @@ def _peft():
         raise ImportError("ktmoe.hf adapters need PEFT: pip install 'ktmoe[hf]' (transformers, peft, "
                           "safetensors)") from e
     return peft
-
-
-# ---------------------------------------------------------------- tensor layout
-
-@torch.no_grad()
-def expert_lora_to_peft(lora: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """Six ktmoe LoRA tensors of one layer -> {"gate_up_proj": (A [E*2r, H], B [2I, 2r*E]),
-    "down_proj": (A [E*r, I], B [H, r*E])} in PEFT's target_parameters layout (linear, exact; works for
-    gradients too)."""
-    Ag, Bg, Au, Bu, Ad, Bd = (lora[n].detach() for n in LORA_NAMES)
-    E, r, H = Ag.shape
-    I = Bg.shape[1]
-    a_gu = torch.cat([Ag, Au], dim=1).reshape(E * 2 * r, H)
-    b = Bg.new_zeros(E, 2 * I, 2 * r)
-    b[:, :I, :r] = Bg
-    b[:, I:, r:] = Bu
-    b_gu = b.permute(1, 2, 0).reshape(2 * I, 2 * r * E)
-    a_d = Ad.reshape(E * r, I)
-    b_d = Bd.permute(1, 2, 0).reshape(H, r * E)
-    # always fresh storage: a view of a live parameter would follow the training
-    return {"gate_up_proj": (a_gu.clone(memory_format=torch.contiguous_format),
-                             b_gu.clone(memory_format=torch.contiguous_format)),
-            "down_proj": (a_d.clone(memory_format=torch.contiguous_format),
-                          b_d.clone(memory_format=torch.contiguous_format))}
-
-
-def _experts_major_b(b: torch.Tensor, E: int) -> torch.Tensor:
-    """PEFT B [out, R*E] (rank-major columns) -> [E, out, R]."""
-    out, RE = b.shape
-    return b.reshape(out, RE // E, E).permute(2, 0, 1)
-
-
-def _pad_rank(t: torch.Tensor, r: int, dim: int) -> torch.Tensor:
-    if t.shape[dim] == r:
-        return t
-    shape = list(t.shape)
-    shape[dim] = r - t.shape[dim]
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
-
-
-@torch.no_grad()
-def peft_to_expert_lora(gate_up: Tuple[torch.Tensor, torch.Tensor], down: Tuple[torch.Tensor, torch.Tensor], *,
-                        num_experts: int, gate_up_scale: float, down_scale: float
-                        ) -> Tuple[Dict[str, torch.Tensor], int, float, bool]:
-    """PEFT target_parameters LoRA of one layer -> (six ktmoe tensors (fp32), rank, alpha, exact_layout).
-    exact_layout: the adapter has ktmoe's own layout (rank 2r block-diagonal gate_up, rank r down, one scale),
-    so the six tensors are the ones that were saved; otherwise an equivalent representation (see module doc)."""
-    E = num_experts
-    (a_gu, b_gu), (a_d, b_d) = [(a.detach().float(), b.detach().float()) for a, b in (gate_up, down)]
-    if a_gu.shape[0] % E or a_d.shape[0] % E or b_gu.shape[1] != a_gu.shape[0] or b_d.shape[1] != a_d.shape[0]:
-        raise ValueError(f"expert LoRA shapes do not fit {E} experts: gate_up A {tuple(a_gu.shape)}, B "
-                         f"{tuple(b_gu.shape)}; down A {tuple(a_d.shape)}, B {tuple(b_d.shape)}")
-    R, Rd = a_gu.shape[0] // E, a_d.shape[0] // E
-    H, I2 = a_gu.shape[1], b_gu.shape[0]
-    I = I2 // 2
-    A = a_gu.reshape(E, R, H)
-    B = _experts_major_b(b_gu, E)               # [E, 2I, R]
-    Ad = a_d.reshape(E, Rd, a_d.shape[1])
-    Bd = _experts_major_b(b_d, E)               # [E, H, Rd]
-    same_scale = math.isclose(gate_up_scale, down_scale, rel_tol=1e-6)
-    if R == 2 * Rd and same_scale and not B[:, :I, Rd:].any() and not B[:, I:, :Rd].any():
-        r = Rd
-        lora = dict(gate_lora_a=A[:, :r], gate_lora_b=B[:, :I, :r], up_lora_a=A[:, r:], up_lora_b=B[:, I:, r:],
-                    down_lora_a=Ad, down_lora_b=Bd)
-        exact = True
-    else:
-        r = max(R, Rd)
-        s_ratio = down_scale / gate_up_scale
-        lora = dict(gate_lora_a=_pad_rank(A, r, 1), gate_lora_b=_pad_rank(B[:, :I], r, 2),
-                    up_lora_a=_pad_rank(A, r, 1), up_lora_b=_pad_rank(B[:, I:], r, 2),
-                    down_lora_a=_pad_rank(Ad, r, 1), down_lora_b=_pad_rank(Bd * s_ratio, r, 2))
-        exact = False
-    lora = {n: lora[n].contiguous().clone() for n in LORA_NAMES}
-    return lora, r, gate_up_scale * r, exact
-
-
-def block_diagonal_mask(b_gu: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """1 where ktmoe's layout may be non-zero in a PEFT gate_up lora_B [2I, 2r*E], 0 on the off-diagonal blocks."""
-    I2, RE = b_gu.shape
-    I, rE = I2 // 2, RE // 2
-    mask = torch.ones_like(b_gu)
-    mask[:I, rE:] = 0
-    mask[I:, :rE] = 0
-    return mask
 
 
 # ---------------------------------------------------------------- configs
@@ -184,43 +101,82 @@ def _single_expert_lora(experts: Mapping[str, KTMoEHFExperts]) -> Tuple[int, flo
 
 # ---------------------------------------------------------------- training set-up
 
+def _same_module(target, adapter_name, **kwargs):
+    """PEFT custom-module factory: the ktmoe experts module is its own LoRA layer (see KTMoEHFExperts)."""
+    return target
+
+
+def _install_peft(pm, experts: Mapping[str, KTMoEHFExperts], family, adapter_name: str, experts_only: bool) -> None:
+    """Makes the expert LoRA part of the PeftModel's adapter: the experts modules become its tuner layers
+    (state dict keys in PEFT's target_parameters layout) and its LoraConfig names them (target_parameters,
+    rank_pattern, alpha_pattern), so PEFT's own save_pretrained / get_peft_model_state_dict / load_adapter carry
+    them, and with them Trainer.save_model, checkpoints and resume_from_checkpoint."""
+    cfg = pm.peft_config[adapter_name]
+    rank, alpha = _single_expert_lora(experts)
+    for m in experts.values():
+        m.attach_peft(adapter_name)
+    rank_pattern, alpha_pattern = _expert_patterns(family, rank, alpha, bool(cfg.use_rslora))
+    cfg.target_parameters = list(family.target_parameters)
+    cfg.rank_pattern = {**(cfg.rank_pattern or {}), **rank_pattern}
+    cfg.alpha_pattern = {**(cfg.alpha_pattern or {}), **alpha_pattern}
+    if experts_only:
+        cfg.target_modules = set()
+    if getattr(cfg, "_custom_modules", None):
+        cfg._custom_modules = None
+    for m in experts.values():
+        for p in m.lora_parameters:
+            p.requires_grad_(m.trains)
+
+
 def add_lora(model: nn.Module, *, r: int = 8, lora_alpha: float = 16.0, target_modules: Optional[Sequence[str]] = None,
-             **lora_kwargs):
-    """PEFT LoRA on the non-expert layers of a converted model (default: the family's attention projections),
-    next to the expert LoRA. Returns the PeftModel (or the model itself when target_modules is empty). Every
-    trainable parameter (PEFT's and the experts') is in `trainable_parameters(result)`."""
+             adapter_name: str = "default", **lora_kwargs):
+    """PEFT LoRA on the non-expert layers of a converted model (default: the family's attention projections; []
+    for none), next to the expert LoRA, in one PEFT adapter. Returns the PeftModel. Every trainable parameter
+    (PEFT's and the experts') is in `trainable_parameters(result)`.
+
+    The expert LoRA is part of that adapter for every PEFT path: `save_pretrained` / `get_peft_model_state_dict`
+    write it in PEFT's target_parameters layout (what `save_adapter` writes, loadable by plain PEFT without
+    ktmoe), `load_adapter` / `Trainer(resume_from_checkpoint=...)` restore it exactly, `disable_adapter()` turns
+    it off, `merge_and_unload()` merges it (see ktmoe.hf.export for saving the merged model)."""
+    peft = _peft()
+    model = unwrap_model(model)
     experts = routed_experts(model)
     if not experts:
         raise ValueError("add_lora() needs a converted model: call ktmoe.hf.convert_model() first")
     if _is_peft_model(model):
-        raise ValueError("add_lora() got a PEFT model: the expert LoRA of a converted model trains next to any PEFT "
-                         "adapter already; use that model as it is")
+        raise ValueError("add_lora() got a PEFT model: call it once, on the converted transformers model")
+    if any(m.lora_rank == 0 for m in experts.values()):
+        raise ValueError("add_lora(): the model was converted with lora_rank=0 (no expert LoRA); convert with "
+                         "lora_rank > 0 to train the experts")
     family = get_family(base_model_of(model))
     targets = family.attention_targets if target_modules is None else target_modules
     targets = targets if isinstance(targets, str) else list(targets)  # a str is PEFT's regex form
-    for m in experts.values():
-        for p in m.lora_parameters:
-            p.requires_grad_(True)
-    if not targets:
-        for n, p in model.named_parameters():
-            p.requires_grad_(any(p is q for m in experts.values() for q in m.lora_parameters))
-        return model
-    peft = _peft()
     if lora_kwargs.get("lora_dropout", 0.0):
         raise ValueError("lora_dropout must be 0 (the CPU experts support no dropout; keep the adapter uniform)")
+    for k in ("target_parameters", "use_dora"):
+        if lora_kwargs.get(k):
+            raise ValueError(f"add_lora(): {k}= is not supported (the expert LoRA is ktmoe's own; DoRA cannot "
+                             "carry it)")
+        lora_kwargs.pop(k, None)
     lora_kwargs.pop("lora_dropout", None)
     lora_kwargs.setdefault("task_type", "CAUSAL_LM")
-    cfg = peft.LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=0.0, **lora_kwargs)
-    pm = peft.get_peft_model(model, cfg)
-    for m in experts.values():  # PEFT freezes what it did not create; the expert LoRA trains too
-        for p in m.lora_parameters:
-            p.requires_grad_(True)
+    experts_only = not targets
+    if experts_only:  # PEFT needs a target: the experts modules stand for themselves
+        cfg = peft.LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=[family.experts_path], lora_dropout=0.0,
+                              **lora_kwargs)
+        cfg._register_custom_module({KTMoEHFExperts: _same_module})
+    else:
+        cfg = peft.LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=0.0, **lora_kwargs)
+    pm = peft.get_peft_model(model, cfg, adapter_name=adapter_name)
+    if not _is_peft_model(pm):  # pragma: no cover - PEFT always returns a PeftModel
+        raise RuntimeError("get_peft_model() returned no PeftModel")
+    _install_peft(pm, experts, family, adapter_name, experts_only)
     return pm
 
 
 def trainable_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
     """(name, parameter) of everything that trains, in a fixed order (model order): the optimizer's order."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [(n, p) for n, p in unwrap_model(model).named_parameters() if p.requires_grad]
 
 
 # ---------------------------------------------------------------- save
@@ -235,6 +191,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default"):
     peft = _peft()
     from peft.utils import get_peft_model_state_dict
 
+    model = unwrap_model(model)
     experts = routed_experts(model)
     if not experts:
         raise ValueError("adapter_state_dict() needs a model converted with ktmoe.hf.convert_model()")
@@ -339,6 +296,7 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
     set up like the one that saved it (same expert rank/alpha, same PEFT target modules): expert LoRA into
     the experts' parameters, the rest through PEFT. Exact: training resumes from the same numbers."""
     cfg, sd = read_adapter(path)
+    model = unwrap_model(model)
     experts = routed_experts(model)
     if not experts:
         raise ValueError("load_adapter() needs a converted model (ktmoe.hf.convert_model), or use "
@@ -362,16 +320,25 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
     if result.unexpected_keys:
         raise ValueError(f"{path}: {len(result.unexpected_keys)} adapter tensors match no LoRA module of this model, "
                          f"e.g. {result.unexpected_keys[:3]}")
-    missing = [k for k in result.missing_keys if f".{adapter_name}." in k and "lora_" in k]
+    expert_prefixes = tuple(_PREFIX + n + "." for n in experts)  # loaded above
+    missing = [k for k in result.missing_keys if f".{adapter_name}." in k and "lora_" in k
+               and not k.startswith(expert_prefixes)]
     if missing:
         raise ValueError(f"{path}: the adapter lacks {len(missing)} LoRA tensors of this model, e.g. {missing[:3]}")
 
 
 def from_adapter(model: nn.Module, path: str, **convert_kwargs) -> nn.Module:
     """Unconverted transformers model + PEFT adapter folder -> converted model with the adapter loaded (expert
-    rank/alpha and target modules taken from the adapter), ready to train or run. Returns the PeftModel (or
-    the converted model when the adapter has only expert LoRA)."""
+    rank/alpha and target modules taken from the adapter), ready to train or run. Returns the PeftModel.
+
+    convert_kwargs go to `convert_model` (not lora_rank / lora_alpha: the adapter's). With mode="inference" and an
+    inference method (e.g. method="AMXINT4") the experts are quantized and the expert LoRA is applied, frozen:
+    for generate() and serving."""
+    for k in ("lora_rank", "lora_alpha"):
+        if k in convert_kwargs:
+            raise TypeError(f"from_adapter(): {k} comes from the adapter and may not be given")
     cfg, sd = read_adapter(path)
+    model = unwrap_model(model)
     base = base_model_of(model)
     family = get_family(base)
     first = next(((n, m) for n, m in base.named_modules() if family.is_experts(n, m)), None)

@@ -17,6 +17,10 @@ DEFAULT_TINY_MODEL: Dict[str, Any] = dict(
 )
 
 
+# any one of these next to config.json lets AutoTokenizer load the checkpoint's tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
 class ConfigError(ValueError):
     """A bad training configuration (reported before any work)."""
 
@@ -230,6 +234,13 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
             if mt not in families():
                 raise ConfigError(f"model: model_type {mt!r} is not supported; supported: "
                                   f"{', '.join(sorted(families()))}")
+            if not any(os.path.isfile(os.path.join(cfg.model, f)) for f in TOKENIZER_FILES):
+                raise ConfigError(f"model: {cfg.model} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}; "
+                                  "vocab.json needs merges.txt next to it): copy the tokenizer of the original "
+                                  "checkpoint into that folder (tokenizer.save_pretrained(dir))")
+            if (os.path.isfile(os.path.join(cfg.model, "vocab.json")) and not any(
+                    os.path.isfile(os.path.join(cfg.model, f)) for f in ("tokenizer.json", "merges.txt"))):
+                raise ConfigError(f"model: {cfg.model} has vocab.json but no merges.txt (nor tokenizer.json)")
         if cfg.data is not None:
             if not os.path.isfile(cfg.data):
                 raise ConfigError(f"data: {cfg.data}: no such file")
