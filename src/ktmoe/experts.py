@@ -5,7 +5,7 @@ wrapper class, its format name the weight format, which the class receives throu
 from __future__ import annotations
 
 from .formats import get_format
-from .methods import INFERENCE_METHODS, MODES, REGISTRY, SFT_METHODS
+from .methods import check_method
 from .sft.base import BaseSFTMoEWrapper
 from .sft.wrappers import AMXSFTMoEWrapper, InferenceMoEWrapper
 
@@ -18,13 +18,5 @@ def KTMoEWrapper(*, mode: str = "sft", method: str = "AMXBF16_SFT", **kwargs) ->
     Arguments (see the README for all): layer_idx, num_experts, num_experts_per_tok, hidden_size,
     moe_intermediate_size, num_gpu_experts=0, cpuinfer_threads=None, threadpool_count=1, weight_path=None,
     chunked_prefill_size=4096, lora_rank=16, lora_alpha=32.0, lora_dropout=0.0, group_size=128."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    valid = SFT_METHODS if mode == "sft" else INFERENCE_METHODS
-    if method not in valid:
-        hint = ""
-        if method in REGISTRY:
-            hint = f" ({method} is a{'n inference' if mode == 'sft' else ' training'} method)"
-        raise ValueError(f"unknown method {method!r} for mode={mode!r}{hint}; valid: {', '.join(sorted(valid))}")
-    spec = REGISTRY[method]
+    spec = check_method(mode, method)
     return WRAPPERS[spec.mode](weight_format=get_format(spec.format_name), method=method, **kwargs)

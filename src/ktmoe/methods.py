@@ -43,3 +43,17 @@ register("AMXINT4_1KGroup", "int4_1_kgroup")
 
 SFT_METHODS: FrozenSet[str] = frozenset(n for n, m in REGISTRY.items() if m.mode == "sft")
 INFERENCE_METHODS: FrozenSet[str] = frozenset(n for n, m in REGISTRY.items() if m.mode == "inference")
+
+
+def check_method(mode: str, method: str) -> Method:
+    """The registry entry of `method` for `mode`; a ValueError that says what fits otherwise."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    valid = SFT_METHODS if mode == "sft" else INFERENCE_METHODS
+    if method not in valid:
+        hint = ""
+        if method in REGISTRY:
+            hint = (f": {method} is an inference method, use mode='inference'" if mode == "sft" else
+                    f": {method} is a training method, use mode='sft' (or {method[:-4]} for inference)")
+        raise ValueError(f"unknown method {method!r} for mode={mode!r}{hint}; valid: {', '.join(sorted(valid))}")
+    return REGISTRY[method]

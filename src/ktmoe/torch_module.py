@@ -32,6 +32,18 @@ def live_saved_forwards() -> int:
     return len(_SAVED)
 
 
+def flatten_routing(hidden_states: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor):
+    """[..., H], [..., k], [..., k] -> [T, H], [T, k] int ids, [T, k] fp32/bf16 weights (what the wrapper takes)."""
+    x = hidden_states.reshape(-1, hidden_states.shape[-1])
+    ids = expert_ids.reshape(x.shape[0], -1)
+    w = weights.reshape(x.shape[0], -1)
+    if ids.dtype not in (torch.int64, torch.int32):
+        ids = ids.long()
+    if w.dtype not in (torch.float32, torch.bfloat16):
+        w = w.float()
+    return x, ids, w
+
+
 class KTMoEFunction(torch.autograd.Function):
     """y = experts(hidden_states); grads for hidden_states, weights and the six LoRA tensors.
 
@@ -122,13 +134,7 @@ class KTMoEExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """hidden_states [..., H], expert_ids [..., k], weights [..., k] -> [..., H]."""
         shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])
-        ids = expert_ids.reshape(x.shape[0], -1)
-        w = weights.reshape(x.shape[0], -1)
-        if ids.dtype not in (torch.int64, torch.int32):
-            ids = ids.long()
-        if w.dtype not in (torch.float32, torch.bfloat16):
-            w = w.float()
+        x, ids, w = flatten_routing(hidden_states, expert_ids, weights)
         self._bind()
         params = self.lora_parameters
         needs_grad = torch.is_grad_enabled() and (

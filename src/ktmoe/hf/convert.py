@@ -14,7 +14,6 @@ from .model_walk import base_model_of, routed_experts, unwrap_model  # noqa: F40
 from .families import get_family
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-MODES = ("sft", "inference")
 DEFAULT_SFT_METHOD = "AMXBF16_SFT"
 DEFAULT_INFERENCE_METHOD = "AMXBF16"
 MAX_GROUP_SIZE = 128
@@ -82,7 +81,7 @@ _FROM_MODEL = ("layer_idx", "num_experts", "num_experts_per_tok", "hidden_size",
 
 def _check_options(mode, method, lora_rank, lora_alpha, weight_path, group_size, lora_dropout, num_gpu_experts,
                    extra: dict):
-    from ..methods import INFERENCE_METHODS, REGISTRY, SFT_METHODS
+    from ..methods import REGISTRY, check_method
 
     bad_shape = sorted(k for k in extra if k in _FROM_MODEL)
     if bad_shape:
@@ -93,15 +92,7 @@ def _check_options(mode, method, lora_rank, lora_alpha, weight_path, group_size,
         raise TypeError(f"convert_model() got unexpected keyword argument(s) {', '.join(unknown)}; valid: mode, "
                         f"method, lora_rank, lora_alpha, cpuinfer_threads, threadpool_count, weight_path, group_size, "
                         f"seed, generator, {', '.join(_WRAPPER_OPTIONS)}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    valid = SFT_METHODS if mode == "sft" else INFERENCE_METHODS
-    if method not in valid:
-        hint = ""
-        if method in REGISTRY:
-            hint = (f": {method} is an inference method, use mode='inference'" if mode == "sft" else
-                    f": {method} is a training method, use mode='sft' (or {method[:-4]} for inference)")
-        raise ValueError(f"method={method!r} does not fit mode={mode!r}{hint}; valid: {', '.join(sorted(valid))}")
+    check_method(mode, method)
     if mode == "sft" and (lora_rank is None or lora_alpha is None):
         raise TypeError("convert_model(mode='sft') needs lora_rank= and lora_alpha=")
     if lora_rank is not None and (not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank < 0):

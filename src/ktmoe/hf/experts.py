@@ -36,7 +36,7 @@ from torch import nn
 
 from ..lora import LORA_NAMES
 from .peft_layout import expert_lora_to_peft, peft_to_expert_lora
-from ..torch_module import KTMoEExperts, KTMoEFunction, live_saved_forwards  # noqa: F401 (re-exported)
+from ..torch_module import KTMoEExperts, KTMoEFunction, flatten_routing, live_saved_forwards  # noqa: F401 (re-exported)
 
 try:  # PEFT is part of the [hf] extra; without it the module is an ordinary nn.Module
     from peft.tuners.tuners_utils import BaseTunerLayer as _TunerLayer
@@ -216,13 +216,7 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])
-        ids = top_k_index.reshape(x.shape[0], -1)
-        w = top_k_weights.reshape(x.shape[0], -1)
-        if ids.dtype not in (torch.int64, torch.int32):
-            ids = ids.long()
-        if w.dtype not in (torch.float32, torch.bfloat16):
-            w = w.float()
+        x, ids, w = flatten_routing(hidden_states, top_k_index, top_k_weights)
         active = self.lora_active
         if self.lora_rank > 0:
             if active:
