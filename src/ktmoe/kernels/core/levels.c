@@ -78,11 +78,11 @@ static void resolve_all(void) {
         }
         int p = row->parent == KT_PARENT_BEST_PLAIN ? best_plain() : row->parent;
         parent_id[id] = p;
+        if (row->usable && !row->usable(why[id], sizeof why[id])) continue; /* its own reason first */
         if (p >= 0 && !usable[p]) {
             snprintf(why[id], sizeof why[id], "its parent level %s is not usable here", names[p]);
             continue;
         }
-        if (row->usable && !row->usable(why[id], sizeof why[id])) continue;
         inherit(&resolved[id], row, p >= 0 ? &resolved[p] : NULL);
         usable[id] = 1;
         why[id][0] = 0;

@@ -41,16 +41,39 @@ static void kt_tiles_configure(void) {
 
 static size_t kt_tile_panel_bytes(int N, int K) { return sizeof(bf16_t) * (size_t)kt_round32(N) * kt_round32(K); }
 
-/* Packs B (N x K values, B[n][k] = src[n * lds + k] for NT, src[k * lds + n] for NN) into a panel. */
+/* Packs B (N x K values, B[n][k] = src[n * lds + k] for NT, src[k * lds + n] for NN) into a panel. Full
+ * tiles take branch-free loops the compiler vectorizes (NT: a 16 x 16 transpose of k pairs, NN: two rows
+ * interleaved); edge tiles are zero-padded element by element. */
 static void kt_tile_pack(const bf16_t *src, size_t lds, int trans, int N, int K, bf16_t *panel) {
     int Np = kt_round32(N), Kp = kt_round32(K), kblocks = Kp / KT_TILE_K;
     for (int nt = 0; nt < Np / 16; nt++)
         for (int kb = 0; kb < kblocks; kb++) {
             bf16_t *tile = panel + ((size_t)nt * kblocks + kb) * 512;
+            int n0 = nt * 16, k0 = kb * KT_TILE_K;
+            if (n0 + 16 <= N && k0 + KT_TILE_K <= K) {
+                if (trans == KT_NT) {
+                    for (int j = 0; j < 16; j++) {
+                        const bf16_t *row = src + (size_t)(n0 + j) * lds + k0;
+                        for (int kp = 0; kp < 16; kp++) {
+                            tile[kp * 32 + 2 * j] = row[2 * kp];
+                            tile[kp * 32 + 2 * j + 1] = row[2 * kp + 1];
+                        }
+                    }
+                } else {
+                    for (int kp = 0; kp < 16; kp++) {
+                        const bf16_t *r0 = src + (size_t)(k0 + 2 * kp) * lds + n0, *r1 = r0 + lds;
+                        for (int j = 0; j < 16; j++) {
+                            tile[kp * 32 + 2 * j] = r0[j];
+                            tile[kp * 32 + 2 * j + 1] = r1[j];
+                        }
+                    }
+                }
+                continue;
+            }
             for (int kp = 0; kp < 16; kp++)
                 for (int j = 0; j < 16; j++)
                     for (int h = 0; h < 2; h++) {
-                        int n = nt * 16 + j, k = kb * KT_TILE_K + 2 * kp + h;
+                        int n = n0 + j, k = k0 + 2 * kp + h;
                         bf16_t v = 0;
                         if (n < N && k < K) v = trans == KT_NT ? src[(size_t)n * lds + k] : src[(size_t)k * lds + n];
                         tile[kp * 32 + 2 * j + h] = v;
