@@ -1,6 +1,18 @@
-/* The avx2 level: the generic C vectorized by the compiler for AVX2 + FMA (this file's flags). */
+/* The avx2 level: the generic C vectorized by the compiler for AVX2 + FMA (this file's flags), with
+ * register-blocked bf16 GEMM kernels (gemm.h). */
 #include "../../core/cpu.h"
 #include "../../generic/level.h"
+#include "gemm.h"
+
+/* bf16 B: the register-blocked kernel; fp32 B (the small LoRA matrices): the generic exact-fp32 path. */
+static void gemm_nt_avx2(int M, int N, int K, const bf16_t *const *a, const void *b, size_t ldb, int b_is_f32,
+                         float *c, size_t ldc) {
+    if (M <= 0 || N <= 0) return;
+    if (b_is_f32)
+        gemm_nt(M, N, K, a, b, ldb, 1, c, ldc);
+    else
+        kt_avx2_gemm_nt_bf16(M, N, K, a, (const bf16_t *)b, ldb, c, ldc);
+}
 
 const kt_level kt_level_avx2 = {
     .name = "avx2",
@@ -8,5 +20,5 @@ const kt_level kt_level_avx2 = {
     .parent = KT_ISA_PORTABLE,
     .autoselect = 1,
     .usable = kt_cpu_usable_avx2,
-    .slots = KT_GENERIC_SLOTS,
+    .slots = {KT_GENERIC_SLOT_FIELDS, .gemm_nt = gemm_nt_avx2, .gemm_nn = kt_avx2_gemm_nn},
 };

@@ -8,5 +8,5 @@ const kt_level kt_level_avx512 = {
     .parent = KT_ISA_AVX2,
     .autoselect = 1,
     .usable = kt_cpu_usable_avx512,
-    .slots = KT_GENERIC_SLOTS,
+    .slots = {KT_GENERIC_SLOT_FIELDS},
 };

@@ -1,0 +1,156 @@
+/* AVX2 + FMA GEMM kernels for bf16 panels (the gemm_nt / gemm_nn slots, contract in slots.h); the fp32-B
+ * products of the LoRA matrices stay with the generic C.
+ *
+ * gemm_nt (C = A B^T, a dot product per element): register block of 3 activation rows x 4 weight rows =
+ * 12 accumulators of 8 fp32 lanes. 16 bf16 of k are read as 8 dwords and split into even and odd
+ * elements (shift / mask: exact fp32), each multiplied with the same split of the other operand: the dot
+ * product needs no element order. Even and odd halves are processed one after the other so that 12
+ * accumulators + 3 A vectors + 1 B vector fit the 16 registers. Column blocks of 4 weight rows outer (they
+ * stay in L1), row blocks inner.
+ * gemm_nn (C = A B, an axpy per k): 6 rows x 16 columns = 12 accumulators; per k one B row of 16 bf16
+ * widened in order, 6 broadcasts of A values pre-converted to fp32 per chunk of KC k (on the stack), 12 FMAs.
+ * Never reads past a row's end (tails run through scalar code). */
+#ifndef KTMOE_AVX2_GEMM_H
+#define KTMOE_AVX2_GEMM_H
+
+#include <immintrin.h>
+
+#include "../../base.h"
+
+#define KT2_AI static inline __attribute__((always_inline))
+#define KT2_NN_MR 6
+#define KT2_NN_KC 256
+
+KT2_AI __m256 kt2_even(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+KT2_AI __m256 kt2_odd(__m256i v) {
+    return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+KT2_AI float kt2_hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+KT2_AI void kt2_nt_block(const int MR, const int NR, int K, const bf16_t *const *ap, const bf16_t *bp, size_t ldb,
+                         float *c, size_t ldc) {
+    __m256 acc[3][4];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 a[3];
+        for (int i = 0; i < MR; i++) a[i] = kt2_even(_mm256_loadu_si256((const __m256i *)(ap[i] + k)));
+        for (int j = 0; j < NR; j++) {
+            __m256 b = kt2_even(_mm256_loadu_si256((const __m256i *)(bp + (size_t)j * ldb + k)));
+            for (int i = 0; i < MR; i++) acc[i][j] = _mm256_fmadd_ps(a[i], b, acc[i][j]);
+        }
+        for (int i = 0; i < MR; i++) a[i] = kt2_odd(_mm256_loadu_si256((const __m256i *)(ap[i] + k)));
+        for (int j = 0; j < NR; j++) {
+            __m256 b = kt2_odd(_mm256_loadu_si256((const __m256i *)(bp + (size_t)j * ldb + k)));
+            for (int i = 0; i < MR; i++) acc[i][j] = _mm256_fmadd_ps(a[i], b, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) {
+            float s = kt2_hsum(acc[i][j]);
+            const bf16_t *bj = bp + (size_t)j * ldb;
+            for (int t = k; t < K; t++) s += kt_bf(ap[i][t]) * kt_bf(bj[t]);
+            c[(size_t)i * ldc + j] = s;
+        }
+}
+
+#define KT2_NT_CASE(MR_, NR_) kt2_nt_block(MR_, NR_, K, ap, bn, ldb, cm, ldc)
+
+static void kt_avx2_gemm_nt_bf16(int M, int N, int K, const bf16_t *const *a, const bf16_t *b, size_t ldb,
+                                 float *c, size_t ldc) {
+    const bf16_t *ap[3];
+    const int nblk = (M + 2) / 3;
+    for (int n = 0; n < N; n += 4) {
+        const int nr = N - n < 4 ? N - n : 4;
+        const bf16_t *bn = b + (size_t)n * ldb;
+        for (int m = 0, blk = 0; m < M; blk++) {
+            const int mr = (M - m + (nblk - blk) - 1) / (nblk - blk); /* balanced: 4 -> 2 + 2 */
+            for (int i = 0; i < mr; i++) ap[i] = a[m + i];
+            float *cm = c + (size_t)m * ldc + n;
+            switch ((mr - 1) * 4 + nr - 1) {
+            case 0: KT2_NT_CASE(1, 1); break;
+            case 1: KT2_NT_CASE(1, 2); break;
+            case 2: KT2_NT_CASE(1, 3); break;
+            case 3: KT2_NT_CASE(1, 4); break;
+            case 4: KT2_NT_CASE(2, 1); break;
+            case 5: KT2_NT_CASE(2, 2); break;
+            case 6: KT2_NT_CASE(2, 3); break;
+            case 7: KT2_NT_CASE(2, 4); break;
+            case 8: KT2_NT_CASE(3, 1); break;
+            case 9: KT2_NT_CASE(3, 2); break;
+            case 10: KT2_NT_CASE(3, 3); break;
+            default: KT2_NT_CASE(3, 4); break;
+            }
+            m += mr;
+        }
+    }
+}
+
+/* MR rows x 16 columns over kc values of k: C (16 contiguous floats per row) += af B. */
+KT2_AI void kt2_nn_block(const int MR, int kc, const float (*af)[KT2_NN_KC], const bf16_t *bk, size_t ldb, float *c,
+                         size_t ldc) {
+    __m256 acc[KT2_NN_MR][2];
+    for (int i = 0; i < MR; i++) {
+        acc[i][0] = _mm256_loadu_ps(c + (size_t)i * ldc);
+        acc[i][1] = _mm256_loadu_ps(c + (size_t)i * ldc + 8);
+    }
+    for (int k = 0; k < kc; k++) {
+        const bf16_t *br = bk + (size_t)k * ldb;
+        __m256 b0 = _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)br)), 16));
+        __m256 b1 = _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(br + 8))), 16));
+        for (int i = 0; i < MR; i++) {
+            __m256 av = _mm256_broadcast_ss(&af[i][k]);
+            acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
+        }
+    }
+    for (int i = 0; i < MR; i++) {
+        _mm256_storeu_ps(c + (size_t)i * ldc, acc[i][0]);
+        _mm256_storeu_ps(c + (size_t)i * ldc + 8, acc[i][1]);
+    }
+}
+
+static void kt_avx2_gemm_nn(int M, int N, int K, const bf16_t *const *a, const bf16_t *b, size_t ldb, float *c,
+                            size_t ldc) {
+    if (M <= 0 || N <= 0) return;
+    for (int m = 0; m < M; m++) memset(c + (size_t)m * ldc, 0, sizeof(float) * (size_t)N);
+    float af[KT2_NN_MR][KT2_NN_KC] __attribute__((aligned(32)));
+    for (int m0 = 0; m0 < M; m0 += KT2_NN_MR) {
+        const int mr = M - m0 < KT2_NN_MR ? M - m0 : KT2_NN_MR;
+        for (int k0 = 0; k0 < K; k0 += KT2_NN_KC) {
+            const int kc = K - k0 < KT2_NN_KC ? K - k0 : KT2_NN_KC;
+            for (int i = 0; i < mr; i++)
+                for (int k = 0; k < kc; k++) af[i][k] = kt_bf(a[m0 + i][k0 + k]);
+            const bf16_t *bk = b + (size_t)k0 * ldb;
+            float *cm = c + (size_t)m0 * ldc;
+            int n0 = 0;
+            for (; n0 + 16 <= N; n0 += 16) {
+                switch (mr) {
+                case 1: kt2_nn_block(1, kc, (const float(*)[KT2_NN_KC])af, bk + n0, ldb, cm + n0, ldc); break;
+                case 2: kt2_nn_block(2, kc, (const float(*)[KT2_NN_KC])af, bk + n0, ldb, cm + n0, ldc); break;
+                case 3: kt2_nn_block(3, kc, (const float(*)[KT2_NN_KC])af, bk + n0, ldb, cm + n0, ldc); break;
+                case 4: kt2_nn_block(4, kc, (const float(*)[KT2_NN_KC])af, bk + n0, ldb, cm + n0, ldc); break;
+                case 5: kt2_nn_block(5, kc, (const float(*)[KT2_NN_KC])af, bk + n0, ldb, cm + n0, ldc); break;
+                default: kt2_nn_block(6, kc, (const float(*)[KT2_NN_KC])af, bk + n0, ldb, cm + n0, ldc); break;
+                }
+            }
+            for (int i = 0; i < mr; i++) /* column tail */
+                for (int k = 0; k < kc; k++) {
+                    const bf16_t *br = bk + (size_t)k * ldb;
+                    float *ci = cm + (size_t)i * ldc;
+                    for (int n = n0; n < N; n++) ci[n] += af[i][k] * kt_bf(br[n]);
+                }
+        }
+    }
+}
+
+#endif
