@@ -158,18 +158,18 @@ def make_wrapper(E: int, k: int, H: int, I: int, r: int, *, alpha: Optional[floa
     return w
 
 
-def reference(x, ids, rw, weights, lora, scaling, dy=None):
+def reference(x, ids, rw, weights, lora, scaling, dy=None, act_quant=None):
     """fp32 reference output and (with dy) gradients: (y, dx, dw, {lora name: grad}).
 
     Every input goes in as fp32 after bf16 rounding where the kernels store bf16 (x, weights, LoRA);
-    routing weights go in as given (fp32, or bf16 widened)."""
+    routing weights go in as given (fp32, or bf16 widened). act_quant: moe_reference's (W8A8)."""
     x = bf16_round(x.detach()).requires_grad_(dy is not None)
     rw = rw.detach().float().requires_grad_(dy is not None)
     ws = [t.detach().float() for t in weights]
     lo = None
     if lora is not None:
         lo = {n: bf16_round(t.detach()).requires_grad_(dy is not None) for n, t in lora.items()}
-    y = ktmoe.moe_reference(x, ids, rw, *ws, lo, scaling)
+    y = ktmoe.moe_reference(x, ids, rw, *ws, lo, scaling, act_quant=act_quant)
     if dy is None:
         return y.detach(), None, None, None
     if y.requires_grad:  # not when every slot is -1: then nothing depends on the inputs

@@ -4,7 +4,9 @@ must stay untouched. A broken kernel shows here as "slot X wrong at (M, N, K)", 
 
 The tolerance of the GEMM slots is 1e-5 of sum_k |a_k b_k| (fp32 accumulation of bf16 products in any
 order stays far inside it); decode slots must match bit for bit; the activation slots are held to the bf16
-rounding of their saved outputs (see core/conformance.c)."""
+rounding of their saved outputs (see core/conformance.c). The W8A8 slots: the activation quantizer must
+match its definition bit for bit (codes and scale), the int8 product the int64 dot products scaled in
+double to 1e-6 of sa (|sw| sum |aq q| + |zw| sum |aq|) (an fp32 epilogue of three roundings)."""
 from __future__ import annotations
 
 import pytest
@@ -22,6 +24,13 @@ GEMM_SHAPES = [(1, 1, 1), (1, 7, 0), (3, 5, 17), (4, 4, 32), (5, 17, 33), (6, 64
 BOP_SHAPES = [(1, 5, 64), (3, 33, 40), (8, 16, 32), (17, 48, 100), (40, 70, 130), (200, 37, 66)]
 OUTER_SHAPES = [(1, 1, 1), (5, 3, 31), (17, 4, 64), (40, 16, 100), (3, 33, 257)]
 ACT_SIZES = [1, 31, 256]
+# The W8A8 product (M, N, K): fewer rows than a tile level's crossover (blk.tile_min_m = 8) and exactly it,
+# tile edges in N (16, 32, 33, 65), K off the 64-wide int8 tile rows (1, 40, 66, 100, 130, 193), and row counts
+# past one GEMM chunk (blk.mc = 128)
+Q8_FORMATS = ["int8", "int4", "int4_1"]
+Q8_SHAPES = [(1, 5, 64), (3, 33, 40), (7, 16, 64), (8, 16, 64), (8, 32, 128), (17, 48, 100), (33, 31, 1),
+             (40, 70, 130), (130, 65, 193), (200, 37, 66)]
+Q8_QUANT_SIZES = [1, 2, 7, 64, 300]
 
 
 def check(level, slot, fmt, M, N, K, group=0, seed=0):
@@ -73,6 +82,28 @@ def test_lora_product_slots(level, slot, shape):
 @pytest.mark.parametrize("n", ACT_SIZES)
 def test_activation_slots(level, slot, n):
     check(level, slot, "bf16", 1, n, 1)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("fmt", Q8_FORMATS)
+@pytest.mark.parametrize("shape", Q8_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_w8a8_product_slot(level, fmt, shape):
+    check(level, "bop_q8", fmt, *shape)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("n", Q8_QUANT_SIZES)
+def test_w8a8_quantizer_slot(level, n):
+    check(level, "q8_quant", "bf16", 1, n, 1)
+
+
+def test_w8a8_slots_seeds_and_refusal():
+    """Several seeds of one tile-sized case pass at every level; a format without an int8 view is refused."""
+    for level in LEVELS:
+        for seed in range(3):
+            check(level, "bop_q8", "int4_1", 19, 40, 70, 0, seed)
+    with pytest.raises(ValueError, match="no W8A8 view of bf16"):
+        _core.slot_check("portable", "bop_q8", "bf16", 2, 2, 2)
 
 
 def test_checks_are_sensitive():

@@ -78,3 +78,23 @@ HF_MERGED_WEIGHT_ATOL = 1e-5
 # factor times HF_LOGITS_RTOL (measured 5x .. 30x on the tiny models with lr 5e-2), so a test that passes with
 # the LoRA cannot pass without it.
 HF_DROPPED_LORA_FACTOR = 2.0
+
+# ---- W8A8 (activation_quant="int8", tests/test_w8a8.py): the forward's base-weight GEMMs on int8 activations
+# (x per token, h per pair) and the int8 codes of per-row int8 / int4 / int4_1 weights; backward unchanged.
+# Output vs moe_reference(act_quant="int8") on the weights the int8 products use (dequantize(exact=True)),
+# quantizing the same values (x, and h as the kernels store it in bf16): measured 1.3e-3 .. 3.0e-3 on every
+# level and shape (the bf16 output rounding, and a rare one-step code difference where the kernel's bf16 h
+# and the reference's differ). Quantizing the fp32 h instead, or using the bf16-rounded weights, gives
+# 5e-3 .. 1.1e-2 (codes moving across rounding boundaries), about half the quantization effect itself.
+W8A8_REL_L2 = 5e-3
+# Gradients: the backward is the bf16 one at the W8A8 forward's g, u (straight-through estimator), held to
+# REL_L2[bits] against the reference's autograd; measured 6.6e-4 .. 7.1e-3 (the largest at T=1).
+# The accuracy cost, output vs the reference without activation quantization on the same dequantized
+# weights: measured 1.04e-2 .. 1.57e-2 (all three formats; Gaussian inputs and weights, H 37..768, I 19..384).
+# A bound against gross errors, not a precision statement. (Against the original bf16 weights, i.e. W8A8 in
+# all: int8 1.2e-2 .. 1.8e-2, int4 1.1e-1 .. 1.9e-1, int4_1 9.5e-2 .. 1.8e-1: within REL_L2_VS_ORIGINAL.)
+W8A8_COST_REL_L2 = 3e-2
+# The same inputs at every usable level: the int32 products are exact and the fp32 epilogue is one
+# expression, so amx-model (tiles) gives exactly the bits of its parent; portable vs avx2 differ by the
+# LoRA / activation kernels' fp32 rounding, which can move a bf16 h and so an int8 code: measured 0 .. 1.2e-4.
+W8A8_LEVELS_REL_L2 = 1e-3

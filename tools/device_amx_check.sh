@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The AMX host check, in one run (the device machine: Intel Xeon with AMX, Python 3.12, torch, pytest, no
-# network). Builds ktmoe, runs the slot conformance and the numerics at amx, amx-model and avx512bf16, then
-# the bench with kt-kernel side by side; everything lands under $OUT. Runs unchanged on a machine without
-# AMX: the AMX parts are reported as skipped. Budget: about 6 minutes on 16 cores.
+# network). Builds ktmoe, runs the slot conformance, the numerics and the W8A8 tests at amx, amx-model and
+# avx512bf16, then the bench with kt-kernel side by side; everything lands under $OUT. Runs unchanged on a
+# machine without AMX: the AMX parts are reported as skipped. Budget: about 7 minutes on 16 cores.
 #
 #   OUT=/tmp/out bash tools/device_amx_check.sh            # here, to rehearse
 #   run: bash tools/device_amx_check.sh  (carry peer/ for kt-kernel: see README "Speed")
@@ -43,6 +43,12 @@ run slots 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_slots.py
 for lv in ${LEVELS//,/ }; do
     KTMOE_TEST_LEVELS=$lv run "numerics_$lv" 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_numerics.py
 done
+# W8A8 (TDPBSSD tiles at amx): the layer against its reference at each level, then the same bits at amx and
+# at its parent avx512bf16 (and amx-model) in one run
+for lv in ${LEVELS//,/ }; do
+    KTMOE_TEST_LEVELS=$lv run "w8a8_$lv" 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_w8a8.py
+done
+KTMOE_TEST_LEVELS=$LEVELS run w8a8_levels 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_w8a8.py -k every_level
 
 PEER_ARGS=()
 if [ -d peer/kt_kernel ]; then

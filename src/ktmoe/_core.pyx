@@ -16,6 +16,9 @@ cdef extern from "ktmoe.h" nogil:
         KT_W_COUNT
         KT_L_ROWS
         KT_SLOT_COUNT
+        KT_AQ_NONE
+        KT_AQ_INT8
+        KT_AQ_COUNT
     int KT_OK, KT_EINVAL, KT_ENOMEM, KT_ESTATE
     int kt_isa_detected()
     int kt_isa_active()
@@ -36,6 +39,7 @@ cdef extern from "ktmoe.h" nogil:
     const char *kt_slot_name(int slot)
     double kt_slot_check(int level, int slot, int fmt, int M, int N, int K, int group, unsigned seed, char *err)
     long kt_tile_model_violations(char *msg, size_t len)
+    int kt_q8_quantize_rows(int M, int K, const void *a, signed char *q, float *sa, char *err)
 
     ctypedef struct kt_engine:
         pass
@@ -55,6 +59,7 @@ cdef extern from "ktmoe.h" nogil:
     ctypedef struct kt_layer:
         int E, k, H, I, r
         float lora_scale
+        int act_quant
         int nparts
         int part_i0[KT_MAX_PARTS + 1]
         kt_wmat gate[KT_MAX_PARTS]
@@ -91,6 +96,7 @@ ISA_LEVELS = tuple(kt_isa_name(i).decode() for i in range(KT_ISA_COUNT))  # ever
 WEIGHT_FORMATS = {kt_format_name(i).decode(): i for i in range(KT_W_COUNT)}  # format name -> descriptor code
 FORMAT_BITS = {kt_format_name(i).decode(): kt_format_bits(i) for i in range(KT_W_COUNT)}
 SLOTS = tuple(kt_slot_name(i).decode() for i in range(KT_SLOT_COUNT))
+ACT_QUANT = {None: KT_AQ_NONE, "int8": KT_AQ_INT8}  # activation_quant -> kt_layer.act_quant (enum kt_act_quant)
 
 
 cdef int _raise(int rc, char *err) except -1:
@@ -161,6 +167,18 @@ def slot_check(str level, str slot, str fmt, int M, int N, int K, int group=0, u
     if r < 0 and (r == KT_EINVAL or r == KT_ENOMEM):
         _raise(<int>r, err)
     return r, err.decode("utf-8", "replace")
+
+
+def q8_quantize_rows(int M, int K, uintptr_t a, uintptr_t q, uintptr_t sa):
+    """The active level's W8A8 activation quantizer (what a forward with act_quant runs) on M contiguous rows
+    of K bf16 values at `a`: int8 codes to `q` [M, K], fp32 scales to `sa` [M]."""
+    cdef char err[512]
+    cdef int rc
+    err[0] = 0
+    with nogil:
+        rc = kt_q8_quantize_rows(M, K, <const void *>a, <signed char *>q, <float *>sa, err)
+    if rc != KT_OK:
+        _raise(rc, err)
 
 
 def tile_model_violations():
@@ -305,6 +323,17 @@ cdef class Layer:
         cdef int rc = kt_layer_set_weight(&self.L, part, which_id, &w, err)
         if rc != KT_OK:
             _raise(rc, err)
+
+    def set_act_quant(self, int mode):
+        """The forward's activation quantization (ACT_QUANT values: 0 none, 1 int8 per token, W8A8); the
+        weights are checked against it at each forward."""
+        if mode < 0 or mode >= KT_AQ_COUNT:
+            raise ValueError(f"act_quant mode must be in [0, {KT_AQ_COUNT}) (0 none, 1 int8), got {mode}")
+        self.L.act_quant = mode
+
+    @property
+    def act_quant(self):
+        return self.L.act_quant
 
     def set_lora(self, int r, float scale, uintptr_t ga, uintptr_t gb, uintptr_t ua, uintptr_t ub, uintptr_t da, uintptr_t db):
         self.L.r = r

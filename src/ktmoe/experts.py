@@ -17,6 +17,7 @@ def KTMoEWrapper(*, mode: str = "sft", method: str = "AMXBF16_SFT", **kwargs) ->
 
     Arguments (see the README for all): layer_idx, num_experts, num_experts_per_tok, hidden_size,
     moe_intermediate_size, num_gpu_experts=0, cpuinfer_threads=None, threadpool_count=1, weight_path=None,
-    chunked_prefill_size=4096, lora_rank=16, lora_alpha=32.0, lora_dropout=0.0, group_size=128."""
+    chunked_prefill_size=4096, lora_rank=16, lora_alpha=32.0, lora_dropout=0.0, group_size=128,
+    activation_quant=None ("int8": the W8A8 forward of the per-row int8/int4/int4_1 methods)."""
     spec = check_method(mode, method)
     return WRAPPERS[spec.mode](weight_format=get_format(spec.format_name), method=method, **kwargs)

@@ -76,6 +76,9 @@ class WeightFormat:
     code = -1    # native_code() of the byte layout
     bits = 16
     per_group = False
+    # W8A8 (activation_quant="int8"): the forward's int8 products need int8 codes with one scale (and zero)
+    # per output row, so that the scale factors out of an exact int32 sum
+    int8_activations = False
 
     def group_for(self, cols: int, group_size: int) -> int:
         if not self.per_group:
@@ -140,13 +143,15 @@ class WeightFormat:
         scale, zero = (None if t is None else gather(t[:, :, g0:g1]) for t in (packed.scale, packed.zero))
         return Packed(data, scale, zero, (E, R, i1 - i0), group)
 
-    def dequantize(self, packed: Packed) -> torch.Tensor:
-        """The weights exactly as the kernels use them (bf16 values), as fp32 [E, rows, cols]."""
+    def dequantize(self, packed: Packed, exact: bool = False) -> torch.Tensor:
+        """The weights exactly as the kernels use them (bf16 values), as fp32 [E, rows, cols]. exact=True: the
+        fp32 values scale * code (+ zero) without the bf16 rounding, what the int8 products of the W8A8
+        forward (activation_quant="int8") multiply with."""
         E, R, C = packed.shape
         codes = self._codes(packed).float().reshape(E, R, C // packed.group, packed.group)
         s = packed.scale.unsqueeze(-1)
-        w = self._decode(codes, s, None if packed.zero is None else packed.zero.unsqueeze(-1))
-        return w.reshape(E, R, C).to(torch.bfloat16).float()
+        w = self._decode(codes, s, None if packed.zero is None else packed.zero.unsqueeze(-1)).reshape(E, R, C)
+        return w if exact else w.to(torch.bfloat16).float()
 
     def _codes(self, packed: Packed) -> torch.Tensor:
         return packed.data
@@ -159,6 +164,7 @@ class KGroup:
     """Mixin: the same format with one scale (and zero) per `group_size` columns of a row."""
 
     per_group = True
+    int8_activations = False  # the scale varies along K: an int32 sum cannot carry it
 
 
 def expert_shapes(E: int, H: int, I: int) -> Tuple[Tuple[int, int, int], ...]:

@@ -14,5 +14,5 @@ class BF16Format(WeightFormat):
         data = w.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
         return Packed(data, None, None, tuple(w.shape), w.shape[2])
 
-    def dequantize(self, packed: Packed) -> torch.Tensor:
+    def dequantize(self, packed: Packed, exact: bool = False) -> torch.Tensor:
         return packed.data.float()

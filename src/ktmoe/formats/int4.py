@@ -22,6 +22,7 @@ class Int4Format(WeightFormat):
     """Symmetric int4: w = scale * (n - 8), n in [0, 15]."""
 
     name, code, bits = "int4", native_code("int4"), 4
+    int8_activations = True   # W8A8 codes: n - 8 (int4_1: n, and the zero point's term)
 
     def group_for(self, cols: int, group_size: int) -> int:
         if cols % 2:

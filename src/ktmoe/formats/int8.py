@@ -10,6 +10,7 @@ class Int8Format(WeightFormat):
     """Symmetric int8, one scale per row (or per group)."""
 
     name, code, bits = "int8", native_code("int8"), 8
+    int8_activations = True   # W8A8 codes: q
 
     def _quantize(self, w, group):
         g = grouped(w, group)

@@ -102,10 +102,24 @@ int kt_format_has_zero(int fmt);
 /* Checks a descriptor (format, layout, sizes, scales present) for a layer with `E` experts. */
 int kt_wmat_check(const kt_wmat *w, int E, char *err);
 
-/* ---- A layer: dims, the frozen weights of each TP part, the LoRA tensors (fp32, full, read in place). ---- */
+/* ---- A layer: dims, the frozen weights of each TP part, the LoRA tensors (fp32, full, read in place). ----
+ * act_quant selects the forward's base-weight GEMMs (gate, up: x W^T; down: h Wd^T):
+ *   KT_AQ_NONE  bf16 activations x (decoded) weights, fp32 accumulation
+ *   KT_AQ_INT8  W8A8: activations quantized per row (x per token, h per pair over its full intermediate
+ *               row), symmetric and dynamic: sa = max|a| / 127 (1 for an all-zero row), aq =
+ *               round-half-even(a / sa) clamped to [-127, 127], the division in fp32; then
+ *               C[m][n] = sa[m] * (sw[n] * dot(aq_m, q_n) + zw[n] * sum_k aq_m[k]) with the int32 dot exact.
+ *               Per-row int8 / int4 / int4_1 weights only (w = sw q + zw: int8 q, int4 n - 8, int4_1 n and
+ *               its zero); kt_forward refuses anything else. LoRA terms and the whole backward stay as they
+ *               are (the backward is that of the unquantized function at the saved g, u: a straight-through
+ *               estimator). */
+enum kt_act_quant { KT_AQ_NONE = 0, KT_AQ_INT8 = 1, KT_AQ_COUNT = 2 };
+/* The longest K of an int8 product: |aq q| <= 127 * 128, so int32 sums stay exact up to here. */
+#define KT_Q8_MAX_K 132000
 typedef struct {
     int E, k, H, I, r;
     float lora_scale;                 /* lora_alpha / lora_rank */
+    int act_quant;                    /* enum kt_act_quant */
     int nparts;
     int part_i0[KT_MAX_PARTS + 1];    /* part p owns intermediate columns [part_i0[p], part_i0[p+1]) */
     kt_wmat gate[KT_MAX_PARTS], up[KT_MAX_PARTS], down[KT_MAX_PARTS]; /* views start at the part's slice */
@@ -129,7 +143,8 @@ void kt_ctx_release(kt_ctx *ctx);       /* free the saved activations (the plan 
 int kt_plan(kt_ctx *ctx, const kt_layer *L, int T, const void *ids, int ids_is_i32, const void *wts,
             int wts_is_bf16, char *err);
 
-/* Forward. x: [T, H] bf16 (x_is_f32: fp32). out: [T, H] bf16 (out_is_f32: fp32). */
+/* Forward. x: [T, H] bf16 (x_is_f32: fp32). out: [T, H] bf16 (out_is_f32: fp32). With L->act_quant the
+ * weights of every part must suit it (see kt_layer). */
 int kt_forward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *x, int x_is_f32, void *out,
                int out_is_f32, int save_for_backward, char *err);
 
@@ -157,10 +172,13 @@ double kt_measure_read_gbps(kt_engine *eng, size_t bytes);
 enum kt_slot_id {
     KT_SLOT_GEMM_NT = 0, KT_SLOT_GEMM_NT_F32 = 1, KT_SLOT_GEMM_NN = 2, KT_SLOT_DECODE = 3,
     KT_SLOT_BOP_NT = 4, KT_SLOT_BOP_NN = 5, KT_SLOT_OUTER_F32 = 6, KT_SLOT_OUTER_BF16 = 7,
-    KT_SLOT_ACT_FWD = 8, KT_SLOT_ACT_BWD = 9, KT_SLOT_COUNT = 10
+    KT_SLOT_ACT_FWD = 8, KT_SLOT_ACT_BWD = 9, KT_SLOT_Q8_QUANT = 10, KT_SLOT_BOP_Q8 = 11, KT_SLOT_COUNT = 12
 };
 const char *kt_slot_name(int slot);
 double kt_slot_check(int level, int slot, int fmt, int M, int N, int K, int group, unsigned seed, char *err);
+/* The active level's activation quantizer (the q8_quant slot, what a W8A8 forward runs) on M rows of K
+ * bf16 values a: int8 codes q [M, K] and scales sa [M]; for tests against the Python reference. */
+int kt_q8_quantize_rows(int M, int K, const void *a, int8_t *q, float *sa, char *err);
 /* The tile model's rule violations since the last call (0: none); the first one's text in `msg`. */
 long kt_tile_model_violations(char *msg, size_t len);
 

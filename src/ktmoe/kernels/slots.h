@@ -18,6 +18,10 @@
  *   bop_bytes/prep/gemm  the packed-panel GEMM: prep makes a block of W ready (in place, decoded, packed
  *                        into the level's tile layout, or left for the fused kernel) as a kt_bop descriptor,
  *                        then bop_gemm runs any number of row chunks against it
+ *   q8_quant             W8A8 (kt_layer.act_quant): one activation row, given in segments, to int8 codes + scale
+ *   bop_q8_bytes/prep/gemm  the W8A8 forward product C = A W^T on int8 codes: prep makes a block of per-row
+ *                        int8/int4/int4_1 weights ready as int8 codes (+ per-row scale and zero) in the level's
+ *                        layout, then bop_q8_gemm runs row chunks of int8 activations against it
  *   outer_f32/outer_bf16 LoRA products: out[j, n] += sum_p coef[p, j] x_p[n]
  *   act_fwd / act_bwd    the SiLU-gated activation and its backward, with the bf16 rounding of the saved values
  *   forward / backward   the algorithm itself (moe/stages.c, compiled per vector width)
@@ -33,7 +37,7 @@ struct kt_ctx;
 typedef struct kt_slots kt_slots;
 
 enum { KT_NT = 0, KT_NN = 1 };  /* C = A W^T (block rows are the N outputs) / C = A W (block rows are K) */
-enum { KT_BOP_ROWS = 0, KT_BOP_PANEL = 1, KT_BOP_FUSED = 2 };
+enum { KT_BOP_ROWS = 0, KT_BOP_PANEL = 1, KT_BOP_FUSED = 2, KT_BOP_Q8_ROWS = 3, KT_BOP_Q8_PANEL = 4 };
 
 /* A prepared weight operand (a descriptor first, then the kernel). The block is rows [r0, r0 + nr) x
  * columns [c0, c0 + nc) of expert e's matrix, relative to the part's view; N and K follow from trans. */
@@ -45,6 +49,10 @@ typedef struct {
     const kt_wmat *src;  /* KT_BOP_FUSED: decoded inside the kernel */
     int e, r0, c0;
     void *work;          /* bop_gemm's own scratch (A packing, fp32 rows, decode tables) */
+    /* the W8A8 operands (always NT): w[n][k] = qscale[n] * q[n][k] + qzero[n] */
+    const int8_t *q;     /* KT_BOP_Q8_ROWS: int8 codes [N, K], row stride ld (KT_BOP_Q8_PANEL: in `panel`) */
+    const float *qscale; /* [N] */
+    const float *qzero;  /* [N]; NULL: no zero point (int8, int4) */
 } kt_bop;
 
 /* Blocking and crossovers: data, per level. 0 inherits. */
@@ -78,6 +86,19 @@ struct kt_slots {
     void (*bop_prep)(const kt_slots *S, const kt_wmat *w, int e, int r0, int nr, int c0, int nc, int trans, int m,
                      void *scratch, kt_bop *b);
     void (*bop_gemm)(const kt_slots *S, int M, const bf16_t *const *a, const kt_bop *b, float *c, size_t ldc);
+    /* One activation row of sum(len) bf16 values, given as nseg segments seg[i] of len[i] values: codes
+     * dst[i][j] = round-half-even(seg[i][j] / sa) clamped to [-127, 127]; returns sa = max|a| / 127 (1 when
+     * every value is 0), both in fp32 exactly as written (the Python reference does the same operations). */
+    float (*q8_quant)(int nseg, const bf16_t *const *seg, const int *len, int8_t *const *dst);
+    /* W8A8: the NT block rows [r0, r0 + nr) (the N outputs) x cols [c0, c0 + nc) (K) of expert e, view
+     * coordinates, of a per-row int8/int4/int4_1 matrix, for m rows of activations */
+    size_t (*bop_q8_bytes)(const kt_slots *S, const kt_wmat *w, int nr, int nc, int m);
+    void (*bop_q8_prep)(const kt_slots *S, const kt_wmat *w, int e, int r0, int nr, int c0, int nc, int m,
+                        void *scratch, kt_bop *b);
+    /* C[i][n] = kt_q8_value(sa[i], b->qscale[n], b->qzero[n], ..., dot(aq[i], q_n), sum(aq[i])) for
+     * i < M <= blk.mc, n < b->N: aq rows of b->K int8 codes by pointer, sa their scales; C overwritten */
+    void (*bop_q8_gemm)(const kt_slots *S, int M, const int8_t *const *aq, const float *sa, const kt_bop *b,
+                        float *c, size_t ldc);
     void (*outer_f32)(int M, int R, int N, const float *coef, size_t ldcoef, const float *x, size_t ldx,
                       float *out, size_t ldo);
     void (*outer_bf16)(int M, int R, int N, const float *coef, size_t ldcoef, const bf16_t *const *x, float *out,
@@ -126,6 +147,30 @@ void kt_bop_gemm_rows(const kt_slots *S, int M, const bf16_t *const *a, const kt
 /* Decodes a block through S->decode_run: rows [r0, r0 + nr) x cols [c0, c0 + nc) of expert e, view
  * coordinates, into dst (row stride nc). */
 void kt_decode_block(const kt_slots *S, const kt_wmat *w, int e, int r0, int nr, int c0, int nc, bf16_t *dst);
+
+/* Default W8A8 slots (core/bop.c): portable C int8 / int32 loops, shared by every level without tiles. */
+float kt_q8_quant_rows(int nseg, const bf16_t *const *seg, const int *len, int8_t *const *dst);
+size_t kt_bop_q8_bytes_rows(const kt_slots *S, const kt_wmat *w, int nr, int nc, int m);
+void kt_bop_q8_prep_rows(const kt_slots *S, const kt_wmat *w, int e, int r0, int nr, int c0, int nc, int m,
+                         void *scratch, kt_bop *b);
+void kt_bop_q8_gemm_rows(const kt_slots *S, int M, const int8_t *const *aq, const float *sa, const kt_bop *b,
+                         float *c, size_t ldc);
+/* The int8 view of a per-row weight block (view coordinates, as kt_decode_block): the codes, in place for
+ * int8 (*ld = the matrix's cols) or unpacked into scratch (nr x nc, *ld = nc) for int4 (n - 8) and int4_1 (n);
+ * and the per-row scales (and zeros, when zero is not NULL and the format has them). */
+const int8_t *kt_q8_block_codes(const kt_wmat *w, int e, int r0, int nr, int c0, int nc, int8_t *scratch, size_t *ld);
+void kt_q8_block_scales(const kt_wmat *w, int e, int r0, int nr, int c0, float *scale, float *zero);
+/* Whether a descriptor suits the W8A8 path: int8 / int4 / int4_1 with one scale per row (group == cols). */
+int kt_q8_supported(const kt_wmat *w);
+
+/* The W8A8 epilogue of one output, the same expression on every level: the int32 dot product (exact) and the
+ * row sum of the activation codes are converted to fp32, then sa * (sw * dot) or, with a zero point,
+ * sa * fma(sw, dot, zw * asum) with the fused multiply-add written out, so that no compiler contraction
+ * (-ffp-contract) can change a bit between levels. */
+static inline float kt_q8_value(float sa, float sw, float zw, int has_zero, int32_t dot, int32_t asum) {
+    if (!has_zero) return sa * (sw * (float)dot);
+    return sa * __builtin_fmaf(sw, (float)dot, zw * (float)asum);
+}
 
 /* Scale block index of (row, col) of expert e, absolute coordinates in the expert's matrix. */
 static inline size_t kt_scale_index(const kt_wmat *w, int e, int r, int c) {

@@ -64,9 +64,14 @@ class BaseSFTMoEWrapper:
                  chunked_prefill_size: int = 4096, lora_rank: int = 16, lora_alpha: float = 32.0,
                  lora_dropout: float = 0.0, group_size: int = 128,
                  subpool_cpus: Optional[Sequence[Sequence[int]]] = None, numa_local: Optional[bool] = None,
-                 method: Optional[str] = None):
+                 activation_quant: Optional[str] = None, method: Optional[str] = None):
         """weight_format: how the frozen weights are stored (the factory passes the method's format); the
-        other arguments are KTMoEWrapper's."""
+        other arguments are KTMoEWrapper's.
+
+        activation_quant: None, or "int8" for the W8A8 forward: the base-weight GEMMs of the forward (gate,
+        up, down) take int8 activations, quantized per token (x) and per (token, expert) pair (h), symmetric
+        and dynamic, against the int8 codes of per-row int8/int4/int4_1 weights. LoRA terms and the backward
+        (a straight-through estimator: the unquantized function's backward) are unchanged."""
         if not isinstance(weight_format, WeightFormat):
             raise TypeError(f"weight_format must be a ktmoe.formats.WeightFormat, got "
                             f"{type(weight_format).__name__}")
@@ -87,6 +92,7 @@ class BaseSFTMoEWrapper:
             raise ValueError(f"lora_dropout={lora_dropout}: only 0.0 is supported by the CPU experts")
         if cpuinfer_threads is not None and (not isinstance(cpuinfer_threads, int) or cpuinfer_threads < 1):
             raise ValueError(f"cpuinfer_threads must be None or a positive int, got {cpuinfer_threads!r}")
+        self.activation_quant = self._check_activation_quant(activation_quant, weight_format, method)
         if moe_intermediate_size % threadpool_count != 0:
             raise ValueError(
                 f"moe_intermediate_size={moe_intermediate_size} is not divisible by "
@@ -107,6 +113,7 @@ class BaseSFTMoEWrapper:
         slice_ = self.I // self.P
         self.part_i0 = [p * slice_ for p in range(self.P + 1)]
         self._layer = _core.Layer(self.E, self.k, self.H, self.I, 0, 0.0, self.part_i0)
+        self._layer.set_act_quant(_core.ACT_QUANT[self.activation_quant])
         self._weights: Optional[Tuple[object, object, object]] = None
         self._part_weights: Optional[list] = None  # per-part node-local copies (multi-node TP)
         self._lora_user: Optional[Tuple[torch.Tensor, ...]] = None  # what init_lora_weights was given
@@ -116,6 +123,21 @@ class BaseSFTMoEWrapper:
         self._grad_buffers: Optional[List[torch.Tensor]] = None
         self._saved: Optional[SavedForward] = None
         self._scratch_ctx = _core.Context()  # reused by calls that save nothing
+
+    @staticmethod
+    def _check_activation_quant(mode, weight_format: WeightFormat, method: Optional[str]) -> Optional[str]:
+        if mode not in _core.ACT_QUANT:
+            valid = ", ".join(repr(m) for m in _core.ACT_QUANT)
+            raise ValueError(f"activation_quant must be one of {valid}, got {mode!r}")
+        if mode is not None and not weight_format.int8_activations:
+            what = f"method {method}" if method else f"weight format {weight_format.name}"
+            layout = ("bf16 weights" if weight_format.bits == 16 else
+                      "one scale per group_size columns (K-groups)" if weight_format.per_group else
+                      f"{weight_format.name} weights")
+            raise ValueError(f"activation_quant={mode!r} (W8A8) needs int8 codes with one scale per output row: "
+                             f"the per-row int8, int4 and int4_1 methods (AMXINT8_SFT, AMXINT4_SFT, "
+                             f"AMXINT4_1_SFT and their inference names); {what} has {layout}")
+        return mode
 
     # ---- weights ----
     def load_weights_from_tensors(self, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
@@ -204,13 +226,15 @@ class BaseSFTMoEWrapper:
             return sum(fmt.nbytes(w) for part in self._part_weights for w in part)
         return 0 if self._weights is None else sum(fmt.nbytes(w) for w in self._weights)
 
-    def dequantized_weights(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The frozen weights as the kernels see them (fp32), for tests and references."""
+    def dequantized_weights(self, exact: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The frozen weights as the kernels see them (fp32), for tests and references: the bf16 values the
+        bf16 products use, or with exact=True scale * code (+ zero) unrounded, as the int8 products of the
+        W8A8 forward (activation_quant="int8") use them."""
         self._require_weights()
         fmt = self.weight_format
         if self._part_weights is None:
-            return tuple(fmt.dequantize(w) for w in self._weights)  # type: ignore[return-value]
-        per_part = [[fmt.dequantize(w) for w in part] for part in self._part_weights]
+            return tuple(fmt.dequantize(w, exact) for w in self._weights)  # type: ignore[return-value]
+        per_part = [[fmt.dequantize(w, exact) for w in part] for part in self._part_weights]
         return (torch.cat([pp[0] for pp in per_part], dim=1), torch.cat([pp[1] for pp in per_part], dim=1),
                 torch.cat([pp[2] for pp in per_part], dim=2))
 
@@ -401,4 +425,5 @@ class BaseSFTMoEWrapper:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(method={self.method!r}, layer_idx={self.layer_idx}, E={self.E}, k={self.k}, "
-                f"H={self.H}, I={self.I}, r={self.lora_rank}, threadpool_count={self.P})")
+                f"H={self.H}, I={self.I}, r={self.lora_rank}, threadpool_count={self.P}"
+                + (f", activation_quant={self.activation_quant!r})" if self.activation_quant else ")"))

@@ -73,3 +73,94 @@ void kt_bop_gemm_rows(const kt_slots *S, int M, const bf16_t *const *a, const kt
         S->gemm_nn(M, b->N, b->K, a, b->w, b->ld, c, ldc);
     }
 }
+
+/* ---- W8A8 (kt_layer.act_quant): the activation quantizer and the int8 product ---- */
+
+/* Round half to even of |v| < 2^22: adding 1.5 * 2^23 leaves no fraction bits (one IEEE rounding, to nearest
+ * even), subtracting it again is exact. Only additions: no contraction into an FMA can change it. */
+static inline float q8_round(float v) { return (v + 12582912.0f) - 12582912.0f; }
+
+float kt_q8_quant_rows(int nseg, const bf16_t *const *seg, const int *len, int8_t *const *dst) {
+    float amax = 0.f;
+    for (int i = 0; i < nseg; i++) {
+        const bf16_t *a = seg[i];
+        float m = 0.f;
+#pragma omp simd reduction(max : m)
+        for (int j = 0; j < len[i]; j++) {
+            float v = kt_bf((bf16_t)(a[j] & 0x7fffu)); /* |a| */
+            m = v > m ? v : m;
+        }
+        amax = m > amax ? m : amax;
+    }
+    float sa = amax > 0.f ? amax / 127.0f : 1.0f;
+    for (int i = 0; i < nseg; i++) {
+        const bf16_t *a = seg[i];
+        int8_t *d = dst[i];
+#pragma omp simd
+        for (int j = 0; j < len[i]; j++) {
+            float r = q8_round(kt_bf(a[j]) / sa);
+            r = r >= -127.0f ? r : -127.0f;
+            r = r <= 127.0f ? r : 127.0f;
+            d[j] = (int8_t)(int)r;
+        }
+    }
+    return sa;
+}
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+size_t kt_bop_q8_bytes_rows(const kt_slots *S, const kt_wmat *w, int nr, int nc, int m) {
+    (void)S;
+    (void)m;
+    size_t codes = kt_format_bits(w->fmt) == 8 ? 0 : align64((size_t)nr * nc);
+    return 64 + align64(2 * sizeof(float) * (size_t)nr) + codes;
+}
+
+void kt_bop_q8_prep_rows(const kt_slots *S, const kt_wmat *w, int e, int r0, int nr, int c0, int nc, int m,
+                         void *scratch, kt_bop *b) {
+    (void)S;
+    (void)m;
+    memset(b, 0, sizeof *b);
+    b->kind = KT_BOP_Q8_ROWS;
+    b->trans = KT_NT;
+    b->N = nr;
+    b->K = nc;
+    b->e = e;
+    b->r0 = r0;
+    b->c0 = c0;
+    char *p = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    float *sc = (float *)p, *z = kt_format_has_zero(w->fmt) == 1 ? sc + nr : NULL;
+    kt_q8_block_scales(w, e, r0, nr, c0, sc, z);
+    p += align64(2 * sizeof(float) * (size_t)nr);
+    b->q = kt_q8_block_codes(w, e, r0, nr, c0, nc, (int8_t *)p, &b->ld);
+    b->qscale = sc;
+    b->qzero = z;
+}
+
+void kt_bop_q8_gemm_rows(const kt_slots *S, int M, const int8_t *const *aq, const float *sa, const kt_bop *b,
+                         float *c, size_t ldc) {
+    (void)S;
+    int N = b->N, K = b->K, hz = b->qzero != NULL;
+    int32_t asum[4];
+    int m = 0;
+    for (; m < M; m += 4) { /* four rows per pass over the codes (fewer at the end) */
+        int rows = imin(4, M - m);
+        for (int i = 0; i < rows; i++) {
+            int32_t s = 0;
+            if (hz)
+                for (int k = 0; k < K; k++) s += aq[m + i][k];
+            asum[i] = s;
+        }
+        for (int n = 0; n < N; n++) {
+            const int8_t *q = b->q + (size_t)n * b->ld;
+            float sw = b->qscale[n], zw = hz ? b->qzero[n] : 0.f;
+            for (int i = 0; i < rows; i++) {
+                const int8_t *a = aq[m + i];
+                int32_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+                for (int k = 0; k < K; k++) dot += (int32_t)a[k] * (int32_t)q[k];
+                c[(size_t)(m + i) * ldc + n] = kt_q8_value(sa[m + i], sw, zw, hz, dot, asum[i]);
+            }
+        }
+    }
+}

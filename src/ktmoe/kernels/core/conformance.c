@@ -12,7 +12,8 @@
 #include "internal.h"
 
 static const char *const slot_names[KT_SLOT_COUNT] = {"gemm_nt", "gemm_nt_f32", "gemm_nn", "decode", "bop_nt",
-                                                       "bop_nn", "outer_f32", "outer_bf16", "act_fwd", "act_bwd"};
+                                                       "bop_nn", "outer_f32", "outer_bf16", "act_fwd", "act_bwd",
+                                                       "q8_quant", "bop_q8"};
 
 const char *kt_slot_name(int slot) { return slot >= 0 && slot < KT_SLOT_COUNT ? slot_names[slot] : NULL; }
 
@@ -296,6 +297,105 @@ static double check_act(const kt_slots *S, int slot, int n, uint64_t *s, arena *
     return worst;
 }
 
+/* The W8A8 quantizer on rows of n values, each given in three segments (uneven, possibly empty) that end at
+ * guard pages: random rows of several magnitudes, an all-zero row, a row of exact ties (max 127: sa = 1, values
+ * k + 1/2), a row of bf16 denormals and a row with one non-zero value. Codes and scale bit for bit. */
+static double check_q8_quant(const kt_slots *S, int n, uint64_t *s, arena *A, char *err) {
+    enum { ROWS = 9 };
+    int8_t *want = malloc((size_t)n + 1);
+    if (!want) {
+        snprintf(err, KT_ERRLEN, "out of memory");
+        return KT_ENOMEM;
+    }
+    double r = 0;
+    for (int row = 0; row < ROWS && r == 0; row++) {
+        bf16_t *a = guarded(A, sizeof(bf16_t) * (size_t)n);
+        if (!a) break;
+        float mag = row < 4 ? (float)(1 << (4 * row)) * 1e-3f : 1.0f;
+        for (int j = 0; j < n; j++) {
+            float v = mag * rng_val(s);
+            if (row == 4) v = 0.f;
+            if (row == 5) v = j == 0 ? 127.0f : (float)(j % 127) + (j % 2 ? 0.5f : -0.5f) * (j % 3 ? 1.f : -1.f);
+            if (row == 6) v = rng_val(s) * 1e-39f;            /* bf16 denormals */
+            if (row == 7) v = j == n / 2 ? -3.0f : 0.f;       /* one value: the others are exact zeros */
+            if (row == 8) v = rng_val(s) * (j % 5 ? 1.f : 1e4f); /* outliers */
+            a[j] = kt_round_bf16(v);
+        }
+        int len[3] = {n / 3, (n + 1) / 3, 0};
+        len[2] = n - len[0] - len[1];
+        const bf16_t *seg[3] = {a, a + len[0], a + len[0] + len[1]};
+        int8_t *dst[3];
+        for (int i = 0; i < 3; i++) dst[i] = guarded(A, (size_t)len[i] + (len[i] == 0));
+        if (A->failed) break;
+        for (int i = 0; i < 3; i++) dst[i] += len[i] == 0; /* an empty segment's end is its guard page */
+        float got = S->q8_quant(3, seg, len, dst);
+        float sa = kt_ref_q8_quant(n, a, want);
+        if (memcmp(&got, &sa, sizeof sa)) {
+            snprintf(err, KT_ERRLEN, "q8_quant row %d: scale %.9g, reference %.9g", row, got, sa);
+            r = INFINITY;
+        }
+        for (int j = 0, i = 0, o = 0; j < n && r == 0; j++, o++) {
+            while (o >= len[i]) {
+                i++;
+                o = 0;
+            }
+            if (dst[i][o] != want[j]) {
+                snprintf(err, KT_ERRLEN, "q8_quant row %d wrong at %d: code %d, reference %d (value %.9g, scale %.9g)",
+                         row, j, dst[i][o], want[j], bf16_to_f32(a[j]), sa);
+                r = INFINITY;
+            }
+        }
+    }
+    free(want);
+    if (A->failed) {
+        snprintf(err, KT_ERRLEN, "out of memory");
+        return KT_ENOMEM;
+    }
+    return r;
+}
+
+/* The W8A8 product as the algorithm uses it: prep of an N x K block (one row and one column into expert 1's
+ * matrix: an odd first column, a high nibble) for M rows, then chunks of at most blk.mc rows. */
+static double check_bop_q8(const kt_slots *S, int fmt, int M, int N, int K, uint64_t *s, arena *A, char *err) {
+    int cols = round_up(1 + K, 2);
+    kt_wmat w;
+    if (!make_weights(A, s, fmt, N + 1, cols, cols, &w) || !kt_q8_supported(&w)) {
+        snprintf(err, KT_ERRLEN, "bop_q8: no W8A8 view of %s weights (int8, int4, int4_1 with a scale per row)",
+                 kt_format_name(fmt));
+        return KT_EINVAL;
+    }
+    size_t bytes = S->bop_q8_bytes(S, &w, N, K, M);
+    void *scratch = guarded(A, bytes ? bytes : 1);
+    const int8_t **aq = guarded(A, sizeof(int8_t *) * (size_t)M);
+    float *sa = f32_array(A, s, (size_t)M, 1.0f);
+    if (aq)
+        for (int m = 0; m < M; m++) {
+            int8_t *row = guarded(A, (size_t)K);
+            if (row)
+                for (int k = 0; k < K; k++) row[k] = (int8_t)((int)(rng_next(s) % 255) - 127);
+            aq[m] = row;
+        }
+    float *c = c_block(A, M, N);
+    double *want = malloc(sizeof(double) * 2 * (size_t)M * N);
+    if (A->failed || !want) {
+        free(want);
+        snprintf(err, KT_ERRLEN, "out of memory");
+        return KT_ENOMEM;
+    }
+    for (int m = 0; m < M; m++) sa[m] = fabsf(sa[m]) + 1e-3f;
+    kt_ref_q8_gemm(M, aq, sa, &w, 1, 1, N, 1, K, want, want + (size_t)M * N);
+    kt_bop b;
+    S->bop_q8_prep(S, &w, 1, 1, N, 1, K, M, scratch, &b);
+    for (int m0 = 0; m0 < M; m0 += S->blk.mc) {
+        int m = imin(S->blk.mc, M - m0);
+        S->bop_q8_gemm(S, m, aq + m0, sa + m0, &b, c + (size_t)m0 * (N + PAD), (size_t)N + PAD);
+    }
+    /* fp32 epilogue: the int32 -> fp32 conversions and at most three roundings, ~2.4e-7 of mag */
+    double r = compare(c, (size_t)N + PAD, M, N, want, want + (size_t)M * N, 1e-6, 1e-30, "bop_q8", err);
+    free(want);
+    return r;
+}
+
 double kt_slot_check(int level, int slot, int fmt, int M, int N, int K, int group, unsigned seed, char *err) {
     err[0] = 0;
     const kt_slots *S = kt_slots_of(level);
@@ -325,6 +425,8 @@ double kt_slot_check(int level, int slot, int fmt, int M, int N, int K, int grou
     case KT_SLOT_OUTER_BF16: r = check_outer(S, slot, M, N, K, &s, A, err); break;
     case KT_SLOT_ACT_FWD:
     case KT_SLOT_ACT_BWD: r = check_act(S, slot, N, &s, A, err); break;
+    case KT_SLOT_Q8_QUANT: r = check_q8_quant(S, N, &s, A, err); break;
+    case KT_SLOT_BOP_Q8: r = check_bop_q8(S, fmt, M, N, K > 0 ? K : 1, &s, A, err); break;
     default: r = check_gemm(S, slot, M, N, K, &s, A, err); break;
     }
     arena_free(A);

@@ -44,6 +44,10 @@ static void inherit(kt_slots *out, const kt_level *row, const kt_slots *p) {
     INHERIT(bop_bytes);
     INHERIT(bop_prep);
     INHERIT(bop_gemm);
+    INHERIT(q8_quant);
+    INHERIT(bop_q8_bytes);
+    INHERIT(bop_q8_prep);
+    INHERIT(bop_q8_gemm);
     INHERIT(outer_f32);
     INHERIT(outer_bf16);
     INHERIT(act_fwd);

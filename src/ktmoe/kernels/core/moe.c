@@ -197,11 +197,40 @@ static int alloc_activations(kt_ctx *ctx, int save, char *err) {
     return KT_OK;
 }
 
+/* W8A8: every part's three projections have an int8 view with one scale per row, and K fits int32 sums. */
+static int check_act_quant(const kt_layer *L, char *err) {
+    static const char *const names[3] = {"gate", "up", "down"};
+    if (L->act_quant < 0 || L->act_quant >= KT_AQ_COUNT) {
+        snprintf(err, KT_ERRLEN, "act_quant=%d is not 0 (none) or 1 (int8 per token)", L->act_quant);
+        return KT_EINVAL;
+    }
+    if (L->act_quant == KT_AQ_NONE) return KT_OK;
+    for (int p = 0; p < L->nparts; p++)
+        for (int which = 0; which < 3; which++) {
+            const kt_wmat *w = which == 0 ? &L->gate[p] : which == 1 ? &L->up[p] : &L->down[p];
+            if (!kt_q8_supported(w)) {
+                const char *name = kt_format_name(w->fmt);
+                snprintf(err, KT_ERRLEN, "act_quant=int8 (W8A8) needs int8, int4 or int4_1 weights with one scale "
+                         "per row; the %s weights of TP part %d are %s%s (group=%d, cols=%d)", names[which], p,
+                         name ? name : "of an unknown format",
+                         w->fmt != KT_W_BF16 && w->group != w->cols ? " with K-groups" : "", w->group, w->cols);
+                return KT_EINVAL;
+            }
+        }
+    if (L->H > KT_Q8_MAX_K || L->I > KT_Q8_MAX_K) {
+        snprintf(err, KT_ERRLEN, "act_quant=int8 (W8A8): H=%d, I=%d; int32 sums are exact up to K=%d", L->H, L->I,
+                 KT_Q8_MAX_K);
+        return KT_EINVAL;
+    }
+    return KT_OK;
+}
+
 int kt_forward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *x, int x_is_f32, void *out,
                int out_is_f32, int save_for_backward, char *err) {
     int rc = check_layer(L, err);
     if (!rc) rc = check_plan(ctx, L, err);
     if (!rc) rc = check_weights(L, err);
+    if (!rc) rc = check_act_quant(L, err);
     if (rc) return rc;
     if (L->nparts != kt_engine_parts(eng)) {
         snprintf(err, KT_ERRLEN, "layer has %d TP parts but the engine has %d subpools", L->nparts,
@@ -242,3 +271,17 @@ int kt_backward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *dy, 
     return rc;
 }
 
+
+int kt_q8_quantize_rows(int M, int K, const void *a, int8_t *q, float *sa, char *err) {
+    if (M < 0 || K < 1 || (M > 0 && (!a || !q || !sa))) {
+        snprintf(err, KT_ERRLEN, "bad quantizer call: M=%d K=%d", M, K);
+        return KT_EINVAL;
+    }
+    const kt_slots *S = kt_slots_active();
+    for (int m = 0; m < M; m++) {
+        const bf16_t *row = (const bf16_t *)a + (size_t)m * K;
+        int8_t *dst = q + (size_t)m * K;
+        sa[m] = S->q8_quant(1, &row, &K, &dst);
+    }
+    return KT_OK;
+}

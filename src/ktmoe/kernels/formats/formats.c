@@ -8,13 +8,15 @@ typedef struct {
     const char *name;
     int bits, has_scale, has_zero;
     int codes_per_byte; /* 1, or 2 for nibbles */
+    int q8;             /* has an int8 view for the W8A8 path: w = scale * (code + q8_offset) + zero */
+    int q8_offset;
 } kt_format_traits;
 
 static const kt_format_traits traits[KT_W_COUNT] = {
-    [KT_W_BF16] = {"bf16", 16, 0, 0, 1},
-    [KT_W_INT8] = {"int8", 8, 1, 0, 1},
-    [KT_W_INT4] = {"int4", 4, 1, 0, 2},
-    [KT_W_INT4_1] = {"int4_1", 4, 1, 1, 2},
+    [KT_W_BF16] = {"bf16", 16, 0, 0, 1, 0, 0},
+    [KT_W_INT8] = {"int8", 8, 1, 0, 1, 1, 0},
+    [KT_W_INT4] = {"int4", 4, 1, 0, 2, 1, -8},
+    [KT_W_INT4_1] = {"int4_1", 4, 1, 1, 2, 1, 0},
 };
 
 static const kt_format_traits *traits_of(int fmt) { return fmt >= 0 && fmt < KT_W_COUNT ? &traits[fmt] : NULL; }
@@ -58,4 +60,40 @@ int kt_wmat_check(const kt_wmat *w, int E, char *err) {
         return KT_EINVAL;
     }
     return KT_OK;
+}
+
+/* ---- the int8 view of the W8A8 path (slots.h) ---- */
+
+int kt_q8_supported(const kt_wmat *w) {
+    const kt_format_traits *t = traits_of(w->fmt);
+    return t && t->q8 && w->group == w->cols;
+}
+
+const int8_t *kt_q8_block_codes(const kt_wmat *w, int e, int r0, int nr, int c0, int nc, int8_t *scratch, size_t *ld) {
+    const kt_format_traits *t = traits_of(w->fmt);
+    int row = w->row0 + r0, col = w->col0 + c0;
+    if (t->codes_per_byte == 1) { /* int8: the stored codes as they are */
+        *ld = (size_t)w->cols;
+        return (const int8_t *)w->data + kt_code_index(w, e, row, col);
+    }
+    const uint8_t *b = (const uint8_t *)w->data;
+    int off = t->q8_offset;
+    for (int r = 0; r < nr; r++) {
+        size_t at = kt_code_index(w, e, row + r, col);
+        int8_t *d = scratch + (size_t)r * nc;
+        for (int j = 0; j < nc; j++) {
+            size_t i = at + (size_t)j;
+            d[j] = (int8_t)(((b[i >> 1] >> (4 * (i & 1))) & 15) + off);
+        }
+    }
+    *ld = (size_t)nc;
+    return scratch;
+}
+
+void kt_q8_block_scales(const kt_wmat *w, int e, int r0, int nr, int c0, float *scale, float *zero) {
+    for (int r = 0; r < nr; r++) {
+        size_t si = kt_scale_index(w, e, w->row0 + r0 + r, w->col0 + c0);
+        scale[r] = w->scale[si];
+        if (zero) zero[r] = w->zero ? w->zero[si] : 0.f;
+    }
 }

@@ -7,7 +7,12 @@
  * Notation: pairs (token t, expert e) sorted by expert; part p of the TP split owns intermediate columns
  * [i0, i0 + Ip). s = lora_alpha / r. Per pair with routing weight w:
  *   g = Wg x + s Bg (Ag x),  u = Wu x + s Bu (Au x),  h = silu(g) u,  d = Wd h + s Bd (Ad h),  y += w d
- * Backward with dy: dhu = Wd^T dy + s Ad^T (Bd^T dy) (unweighted), dw = <dhu, h>, dh = w dhu, ... */
+ * Backward with dy: dhu = Wd^T dy + s Ad^T (Bd^T dy) (unweighted), dw = <dhu, h>, dh = w dhu, ...
+ *
+ * W8A8 (L->act_quant): the forward's base products Wg x, Wu x, Wd h take int8 activations (slots q8_quant and
+ * bop_q8_*): x is quantized per token right after the input conversion, h per pair over its full
+ * intermediate row (every part's slice, one scale) between the gate/up stages and down. LoRA terms use
+ * the unquantized x and h; backward is unchanged (the unquantized function's, at the saved g, u). */
 #ifndef KTMOE_MOE_STAGES_H
 #define KTMOE_MOE_STAGES_H
 
@@ -47,6 +52,10 @@ typedef struct {
     float *bd;                /* [npairs, r] Bd^T dy */
     float *bg[KT_MAX_PARTS], *bu[KT_MAX_PARTS];  /* [npairs, r] this part's dg Bg, du Bu */
     float *dwp[KT_MAX_PARTS]; /* [nblk_b, npairs] partial <dhu, h> */
+    int8_t *xq;               /* W8A8: [T, H] codes of x, scales xs [T] */
+    float *xs;
+    int8_t *hq[KT_MAX_PARTS]; /* W8A8: [npairs, Ip] codes of each part's slice of h, one scale per pair hs */
+    float *hs;
     float *const *grads;
     atomic_int failed;        /* first problem found by a task: 1 = non-finite input, 2 = out of memory */
     atomic_int bad_row;
@@ -159,6 +168,88 @@ static int add_lora_out(stage_args *a, int tid, float *c, size_t ldc, int M, int
     return 1;
 }
 
+/* ---- W8A8: activation quantization and the forward's base-weight operand ---- */
+
+/* x rows -> xq, xs. Task = 16 tokens. */
+static void fwd_quant_x_task(void *arg, int part, int task, int tid) {
+    (void)part;
+    (void)tid;
+    stage_args *a = arg;
+    const kt_ctx *ctx = a->ctx;
+    int H = ctx->H, t0 = task * 16, t1 = t0 + 16 < ctx->T ? t0 + 16 : ctx->T;
+    for (int t = t0; t < t1; t++) {
+        const bf16_t *row = ctx->x + (size_t)t * H;
+        int8_t *dst = a->xq + (size_t)t * H;
+        a->xs[t] = a->S->q8_quant(1, &row, &H, &dst);
+    }
+}
+
+/* h rows (all parts' slices of a pair) -> hq, hs. Task = 16 pairs. */
+static void fwd_quant_h_task(void *arg, int part, int task, int tid) {
+    (void)part;
+    (void)tid;
+    stage_args *a = arg;
+    const kt_ctx *ctx = a->ctx;
+    int P = ctx->nparts, p0 = task * 16, p1 = p0 + 16 < ctx->npairs ? p0 + 16 : ctx->npairs;
+    const bf16_t *seg[KT_MAX_PARTS];
+    int8_t *dst[KT_MAX_PARTS];
+    int len[KT_MAX_PARTS];
+    for (int q = 0; q < P; q++) len[q] = ctx->part_i0[q + 1] - ctx->part_i0[q];
+    for (int p = p0; p < p1; p++) {
+        for (int q = 0; q < P; q++) {
+            seg[q] = a->h[q] + (size_t)p * len[q];
+            dst[q] = a->hq[q] + (size_t)p * len[q];
+        }
+        a->hs[p] = a->S->q8_quant(P, seg, len, dst);
+    }
+}
+
+/* The int8 codes [rows, cols] and scales [rows] of a W8A8 stage in one engine buffer: per-part matrices
+ * like part_matrices when parts (cols = I), else one [T, H] matrix. */
+static int q8_buffers(stage_args *a, int slot, int rows, int cols, int parts, int8_t **codes, float **scales,
+                      char *err) {
+    const kt_ctx *ctx = a->ctx;
+    size_t cbytes = st_round64((size_t)rows * cols), total = cbytes + sizeof(float) * (size_t)rows + 64;
+    char *base = kt_shared_buffer(a->eng, slot, total);
+    if (!base) {
+        snprintf(err, KT_ERRLEN, "out of memory (%zu bytes)", total);
+        return KT_ENOMEM;
+    }
+    if (parts)
+        for (int p = 0; p < ctx->nparts; p++) codes[p] = (int8_t *)base + (size_t)rows * ctx->part_i0[p];
+    else
+        codes[0] = (int8_t *)base;
+    *scales = (float *)(base + cbytes);
+    return KT_OK;
+}
+
+/* The forward's base-weight operand of an NT block: bf16 activations x decoded weights (bop_*), or int8
+ * x int8 (bop_q8_*) under W8A8. The rows of a chunk come as bf16 pointers, or as int8 pointers + scales. */
+static size_t fwd_w_bytes(const stage_args *a, const kt_wmat *w, int nr, int nc, int m) {
+    const kt_slots *S = a->S;
+    return a->L->act_quant ? S->bop_q8_bytes(S, w, nr, nc, m) : S->bop_bytes(S, w, KT_NT, nr, nc, m);
+}
+static void fwd_w_prep(const stage_args *a, const kt_wmat *w, int e, int r0, int nr, int nc, int m, void *scratch,
+                       kt_bop *b) {
+    const kt_slots *S = a->S;
+    if (a->L->act_quant)
+        S->bop_q8_prep(S, w, e, r0, nr, 0, nc, m, scratch, b);
+    else
+        S->bop_prep(S, w, e, r0, nr, 0, nc, KT_NT, m, scratch, b);
+}
+typedef struct {
+    const bf16_t *rows[KT_MAX_MC];
+    const int8_t *qrows[KT_MAX_MC];
+    float qs[KT_MAX_MC];
+} fwd_rows;
+static void fwd_w_gemm(const stage_args *a, int m, const fwd_rows *r, const kt_bop *b, float *c, size_t ldc) {
+    const kt_slots *S = a->S;
+    if (a->L->act_quant)
+        S->bop_q8_gemm(S, m, r->qrows, r->qs, b, c, ldc);
+    else
+        S->bop_gemm(S, m, r->rows, b, c, ldc);
+}
+
 /* gate+up GEMMs with LoRA, then h = silu(g) * u. Task = (active expert, column block of the part). */
 static void fwd_gate_up_task(void *arg, int part, int task, int tid) {
     stage_args *a = arg;
@@ -171,8 +262,8 @@ static void fwd_gate_up_task(void *arg, int part, int task, int tid) {
     int n0 = (task % nblk) * NB, nb = Ip - n0 < NB ? Ip - n0 : NB;
     int H = L->H, r = L->r;
     size_t cbytes = st_round64(sizeof(float) * (size_t)a->mc * NB);
-    size_t wg = st_round64(S->bop_bytes(S, &L->gate[part], KT_NT, nb, H, me));
-    size_t wu = st_round64(S->bop_bytes(S, &L->up[part], KT_NT, nb, H, me));
+    size_t wg = st_round64(fwd_w_bytes(a, &L->gate[part], nb, H, me));
+    size_t wu = st_round64(fwd_w_bytes(a, &L->up[part], nb, H, me));
     char *base = kt_scratch(a->eng, tid, 2 * cbytes + wg + wu);
     if (!base) {
         fail(a, 2, 0);
@@ -180,15 +271,23 @@ static void fwd_gate_up_task(void *arg, int part, int task, int tid) {
     }
     float *cg = (float *)base, *cu = (float *)(base + cbytes);
     kt_bop bg, bu;
-    S->bop_prep(S, &L->gate[part], e, n0, nb, 0, H, KT_NT, me, base + 2 * cbytes, &bg);
-    S->bop_prep(S, &L->up[part], e, n0, nb, 0, H, KT_NT, me, base + 2 * cbytes + wg, &bu);
-    const bf16_t *rows[KT_MAX_MC];
+    fwd_w_prep(a, &L->gate[part], e, n0, nb, H, me, base + 2 * cbytes, &bg);
+    fwd_w_prep(a, &L->up[part], e, n0, nb, H, me, base + 2 * cbytes + wg, &bu);
+    fwd_rows rw;
     bf16_t gtmp[KT_MAX_NB], utmp[KT_MAX_NB];
     for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += a->mc) {
         int m = (int)zmin((size_t)a->mc, (size_t)(ctx->expert_off[e + 1] - p0));
-        rows_by_token(rows, ctx, ctx->x, (size_t)H, p0, m);
-        S->bop_gemm(S, m, rows, &bg, cg, (size_t)NB);
-        S->bop_gemm(S, m, rows, &bu, cu, (size_t)NB);
+        if (L->act_quant) {
+            for (int i = 0; i < m; i++) {
+                int t = ctx->pair_tok[p0 + i];
+                rw.qrows[i] = a->xq + (size_t)t * H;
+                rw.qs[i] = a->xs[t];
+            }
+        } else {
+            rows_by_token(rw.rows, ctx, ctx->x, (size_t)H, p0, m);
+        }
+        fwd_w_gemm(a, m, &rw, &bg, cg, (size_t)NB);
+        fwd_w_gemm(a, m, &rw, &bu, cu, (size_t)NB);
         if (r > 0) {
             size_t brow = ((size_t)e * L->I + (size_t)(i0 + n0)) * r;
             if (!add_lora_out(a, tid, cg, (size_t)NB, m, nb, ctx->ag + (size_t)p0 * r, L->gate_b + brow, r, a->s) ||
@@ -242,26 +341,32 @@ static hblock hblock_of(const stage_args *a, int part, int task) {
  * Task = (active expert, column block of H); the combine stage then sums each token's pairs. */
 static void fwd_down_task(void *arg, int part, int task, int tid) {
     stage_args *a = arg;
-    const kt_slots *S = a->S;
     const kt_ctx *ctx = a->ctx;
     const kt_layer *L = a->L;
     int H = L->H, r = L->r;
     hblock b = hblock_of(a, part, task);
     int e = b.e, n0 = b.n0, nb = b.nb, Ip = b.Ip, me = expert_rows(ctx, e);
-    size_t wb = S->bop_bytes(S, &L->down[part], KT_NT, nb, Ip, me);
+    size_t wb = fwd_w_bytes(a, &L->down[part], nb, Ip, me);
     char *ws = wb ? kt_scratch(a->eng, tid, wb) : NULL;
     if (wb && !ws) {
         fail(a, 2, 0);
         return;
     }
     kt_bop bd;
-    S->bop_prep(S, &L->down[part], e, n0, nb, 0, Ip, KT_NT, me, ws, &bd);
-    const bf16_t *rows[KT_MAX_MC];
+    fwd_w_prep(a, &L->down[part], e, n0, nb, Ip, me, ws, &bd);
+    fwd_rows rw;
     for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += a->mc) {
         int m = (int)zmin((size_t)a->mc, (size_t)(ctx->expert_off[e + 1] - p0));
         float *c = b.pairs + (size_t)p0 * H + n0;
-        rows_by_pair(rows, a->h[part], (size_t)Ip, p0, m);
-        S->bop_gemm(S, m, rows, &bd, c, (size_t)H);
+        if (L->act_quant) {
+            for (int i = 0; i < m; i++) {
+                rw.qrows[i] = a->hq[part] + (size_t)(p0 + i) * Ip;
+                rw.qs[i] = a->hs[p0 + i];
+            }
+        } else {
+            rows_by_pair(rw.rows, a->h[part], (size_t)Ip, p0, m);
+        }
+        fwd_w_gemm(a, m, &rw, &bd, c, (size_t)H);
         if (r > 0 && !add_lora_out(a, tid, c, (size_t)H, m, nb, ctx->ad[part] + (size_t)p0 * r,
                                    L->down_b + ((size_t)e * H + (size_t)n0) * r, r, a->s)) {
             fail(a, 2, 0);
@@ -403,6 +508,12 @@ static int kt_stages_forward(const kt_slots *S, kt_ctx *ctx, const kt_layer *L, 
     if ((rc = finish(&a, "hidden_states", err))) return rc;
     if ((rc = part_matrices(&a, KT_SH_H, a.h, err))) return rc;
     if ((rc = pair_buffer(&a, err))) return rc;
+    if (L->act_quant) {
+        if ((rc = q8_buffers(&a, KT_SH_XQ, ctx->T, ctx->H, 0, &a.xq, &a.xs, err)) ||
+            (rc = q8_buffers(&a, KT_SH_HQ, ctx->npairs, ctx->I, 1, a.hq, &a.hs, err)))
+            return rc;
+        run_all_timed(&a, "fwd_quant_x", (ctx->T + 15) / 16, fwd_quant_x_task, &a);
+    }
     int nt[KT_MAX_PARTS];
     if (L->r > 0) run_all_timed(&a, "fwd_lora_in", a.nactive, fwd_lora_in_task, &a);
     for (int p = 0; p < P; p++) nt[p] = a.nactive * a.nblk_i[p];
@@ -411,6 +522,8 @@ static int kt_stages_forward(const kt_slots *S, kt_ctx *ctx, const kt_layer *L, 
         for (int p = 0; p < P; p++) nt[p] = a.nactive;
         run_parts_timed(&a, "fwd_lora_mid", nt, fwd_lora_mid_task, &a);
     }
+    if ((rc = finish(&a, "hidden_states", err))) return rc; /* out of memory in a task: stop here */
+    if (L->act_quant) run_all_timed(&a, "fwd_quant_h", (ctx->npairs + 15) / 16, fwd_quant_h_task, &a);
     for (int p = 0; p < P; p++) nt[p] = a.nactive * a.nblk_h;
     run_parts_timed(&a, "fwd_down", nt, fwd_down_task, &a);
     combine_pairs(&a, out, out_is_f32);

@@ -1,5 +1,6 @@
 /* The slot references (see ref.h). */
 #include <math.h>
+#include <stdlib.h>
 
 #include "../formats/decode.h"
 #include "ref.h"
@@ -70,4 +71,43 @@ double kt_ref_act_bwd(int n, const bf16_t *g, const bf16_t *u, const float *dhu,
         du[j] = dh * gv * s;
     }
     return dw;
+}
+
+float kt_ref_q8_quant(int n, const bf16_t *a, int8_t *q) {
+    float amax = 0.f;
+    for (int j = 0; j < n; j++) amax = fmaxf(amax, fabsf(bf16_to_f32(a[j])));
+    float sa = amax > 0.f ? amax / 127.0f : 1.0f;
+    for (int j = 0; j < n; j++) {
+        float v = bf16_to_f32(a[j]) / sa;
+        q[j] = (int8_t)fmaxf(-127.0f, fminf(127.0f, rintf(v)));
+    }
+    return sa;
+}
+
+/* the int8 code of (row, col) of expert e: int8 as stored, int4 n - 8, int4_1 n */
+static int ref_q8_code(const kt_wmat *w, int e, int row, int col) {
+    size_t i = ((size_t)e * w->rows + (size_t)row) * w->cols + (size_t)col;
+    if (w->fmt == KT_W_INT8) return ((const int8_t *)w->data)[i];
+    int nib = (((const uint8_t *)w->data)[i / 2] >> (i % 2 ? 4 : 0)) & 15;
+    return w->fmt == KT_W_INT4 ? nib - 8 : nib;
+}
+
+void kt_ref_q8_gemm(int M, const int8_t *const *aq, const float *sa, const kt_wmat *w, int e, int r0, int nr, int c0,
+                    int nc, double *c, double *mag) {
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < nr; n++) {
+            int row = w->row0 + r0 + n;
+            size_t si = (size_t)e * w->rows + (size_t)row; /* one scale per row (block_rows 1, group == cols) */
+            double sw = w->scale[si], zw = w->fmt == KT_W_INT4_1 ? w->zero[si] : 0.0;
+            long long dot = 0, adot = 0, asum = 0, aabs = 0;
+            for (int k = 0; k < nc; k++) {
+                long long a = aq[m][k], q = ref_q8_code(w, e, row, w->col0 + c0 + k);
+                dot += a * q;
+                adot += llabs(a * q);
+                asum += a;
+                aabs += llabs(a);
+            }
+            c[(size_t)m * nr + n] = (double)sa[m] * (sw * (double)dot + zw * (double)asum);
+            mag[(size_t)m * nr + n] = fabs((double)sa[m]) * (fabs(sw) * (double)adot + fabs(zw) * (double)aabs);
+        }
 }

@@ -19,5 +19,13 @@ void kt_ref_act_fwd(int n, const float *g, const float *u, double *h);
 /* dg, du, h and <dhu, h> in double from bf16 g, u. */
 double kt_ref_act_bwd(int n, const bf16_t *g, const bf16_t *u, const float *dhu, float w, double *h, double *dg,
                       double *du);
+/* The W8A8 activation quantizer by its definition (kt_layer.act_quant), with the C library's rintf for the
+ * round half to even: codes q[n] and the returned scale, bit for bit what every level must give. */
+float kt_ref_q8_quant(int n, const bf16_t *a, int8_t *q);
+/* The W8A8 product of M int8 rows aq (scales sa) with the NT block rows [r0, r0 + nr) x cols [c0, c0 + nc) of
+ * expert e of a per-row int8 / int4 / int4_1 matrix, codes read from the stored bytes here: dot products in
+ * int64, c[m, n] = sa (sw dot + zw sum aq) in double [M, nr]; mag = sa (|sw| sum |aq q| + |zw| sum |aq|). */
+void kt_ref_q8_gemm(int M, const int8_t *const *aq, const float *sa, const kt_wmat *w, int e, int r0, int nr, int c0,
+                    int nc, double *c, double *mag);
 
 #endif

@@ -1,6 +1,6 @@
 /* AMX tile GEMM: the prepared-operand slots of the tile levels, written against a thin tile-op layer
  *   KT_TILE_LOADCONFIG(cfg)  KT_TILE_ZERO(t)  KT_TILE_LOAD(t, base, stride)  KT_TILE_STORE(t, base, stride)
- *   KT_TILE_DPBF16(c, a, b)
+ *   KT_TILE_DPBF16(c, a, b)  KT_TILE_DPBSSD(c, a, b)
  * whose back-end is the compiler's intrinsics (isa/amx/tile_hw.h, level "amx") or the C model of the tile
  * unit (isa/amx_model/tile_model.h, level "amx-model"): the same tiling, packing and blocking run in both.
  *
@@ -16,7 +16,15 @@
  * through the level's decode slots first (int8 / int4 values are exact in bf16). The panel is reused over
  * all the expert's rows in the task, so the repack costs one pass over the block; with fewer rows than
  * blk.tile_min_m the parent's kernels take the block instead (repacking would cost more than it saves).
- * A rows (gathered by pointer) are copied into a zero-padded [32-row multiple, K rounded to 32] block. */
+ * A rows (gathered by pointer) are copied into a zero-padded [32-row multiple, K rounded to 32] block.
+ *
+ * W8A8 (kt_layer.act_quant): the same 2 x 2 tile block with TDPBSSD, int8 x int8 summed 4 at a time into
+ * int32. The block's int8 codes (kt_q8_block_codes: int8 as stored, int4 n - 8, int4_1 n) are packed as a
+ * VNNI quad panel:
+ *   panel tile (n / 16, k / 64), row (k % 64) / 4, byte 4 (n % 16) + k % 4      (1 KiB per tile)
+ * A tiles are 16 int8 rows of 64 k (rows gathered into a zero-padded [32-row multiple, K rounded to 64]
+ * block, their code sums taken on the way for the zero point), and the int32 tiles go through the same
+ * epilogue as every other level (kt_q8_value), so the result is bit-identical to the parent's. */
 #ifndef KTMOE_AMX_TILE_GEMM_H
 #define KTMOE_AMX_TILE_GEMM_H
 
@@ -178,6 +186,142 @@ static void kt_tile_bop_gemm(const kt_slots *S, int M, const bf16_t *const *a, c
     kt_tile_gemm_panel(M, b->N, b->K, b->work, b->panel, c, ldc);
 }
 
+/* ---- W8A8: int8 tiles (TDPBSSD) ---- */
+
+#define KT_TILE_K8 64 /* int8 values of k per tile row (64 bytes) */
+
+static inline int kt_round64i(int n) { return (n + 63) & ~63; }
+
+static size_t kt_tile_q8_panel_bytes(int N, int K) { return (size_t)kt_round32(N) * (size_t)kt_round64i(K); }
+
+/* Packs int8 B (N x K, B[n][k] = src[n * lds + k]) into the quad panel. */
+static void kt_tile_q8_pack(const int8_t *src, size_t lds, int N, int K, int8_t *panel) {
+    int Np = kt_round32(N), kblocks = kt_round64i(K) / KT_TILE_K8;
+    for (int nt = 0; nt < Np / 16; nt++)
+        for (int kb = 0; kb < kblocks; kb++) {
+            int8_t *tile = panel + ((size_t)nt * kblocks + kb) * 1024;
+            for (int j = 0; j < 16; j++) {
+                int n = nt * 16 + j;
+                const int8_t *row = n < N ? src + (size_t)n * lds : NULL;
+                for (int kq = 0; kq < 16; kq++)
+                    for (int q = 0; q < 4; q++) {
+                        int k = kb * KT_TILE_K8 + 4 * kq + q;
+                        tile[kq * 64 + 4 * j + q] = row && k < K ? row[k] : 0;
+                    }
+            }
+        }
+}
+
+/* int8 A rows -> zero-padded [round32(M), round64(K)] block; asum[m] = the codes' sum (when asum given). */
+static void kt_tile_q8_pack_a(int M, int K, const int8_t *const *a, int8_t *dst, int32_t *asum) {
+    int Mp = kt_round32(M), Kp = kt_round64i(K);
+    for (int m = 0; m < Mp; m++) {
+        int8_t *d = dst + (size_t)m * Kp;
+        if (m < M) {
+            memcpy(d, a[m], (size_t)K);
+            memset(d + K, 0, (size_t)(Kp - K));
+            if (asum) {
+                int32_t s = 0;
+                for (int k = 0; k < K; k++) s += a[m][k];
+                asum[m] = s;
+            }
+        } else {
+            memset(d, 0, (size_t)Kp);
+        }
+    }
+}
+
+/* C[m][n] = kt_q8_value(sa[m], sw[n], zw[n], dot, asum[m]) with the int32 dot over K from the tiles. */
+static void kt_tile_q8_gemm_panel(int M, int N, int K, const int8_t *ap, const int8_t *panel, const float *sa,
+                                  const float *sw, const float *zw, const int32_t *asum, float *c, size_t ldc) {
+    int Mp = kt_round32(M), Np = kt_round32(N), Kp = kt_round64i(K), kblocks = Kp / KT_TILE_K8;
+    size_t astride = (size_t)Kp;
+    int32_t ct[4][16][16] __attribute__((aligned(64)));
+    for (int n0 = 0; n0 < Np; n0 += 32) {
+        const int8_t *b0 = panel + (size_t)(n0 / 16) * kblocks * 1024, *b1 = b0 + (size_t)kblocks * 1024;
+        for (int m0 = 0; m0 < Mp; m0 += 32) {
+            const int8_t *a0 = ap + (size_t)m0 * Kp, *a1 = a0 + (size_t)16 * Kp;
+            KT_TILE_ZERO(0);
+            KT_TILE_ZERO(1);
+            KT_TILE_ZERO(2);
+            KT_TILE_ZERO(3);
+            for (int kb = 0; kb < kblocks; kb++) {
+                KT_TILE_LOAD(4, a0 + kb * KT_TILE_K8, astride);
+                KT_TILE_LOAD(5, a1 + kb * KT_TILE_K8, astride);
+                KT_TILE_LOAD(6, b0 + (size_t)kb * 1024, 64);
+                KT_TILE_LOAD(7, b1 + (size_t)kb * 1024, 64);
+                KT_TILE_DPBSSD(0, 4, 6);
+                KT_TILE_DPBSSD(1, 4, 7);
+                KT_TILE_DPBSSD(2, 5, 6);
+                KT_TILE_DPBSSD(3, 5, 7);
+            }
+            KT_TILE_STORE(0, ct[0], 64);
+            KT_TILE_STORE(1, ct[1], 64);
+            KT_TILE_STORE(2, ct[2], 64);
+            KT_TILE_STORE(3, ct[3], 64);
+            for (int t = 0; t < 4; t++) {
+                int mt = m0 + 16 * (t >> 1), nt = n0 + 16 * (t & 1);
+                int rows = imin(16, M - mt), cols = imin(16, N - nt);
+                for (int r = 0; r < rows; r++) {
+                    float *cr = c + (size_t)(mt + r) * ldc + nt;
+                    float s = sa[mt + r];
+                    int32_t as = zw ? asum[mt + r] : 0;
+                    for (int j = 0; j < cols; j++)
+                        cr[j] = kt_q8_value(s, sw[nt + j], zw ? zw[nt + j] : 0.f, zw != NULL, ct[t][r][j], as);
+                }
+            }
+        }
+    }
+}
+
+static size_t kt_tile_q8_bytes(const kt_slots *S, const kt_wmat *w, int nr, int nc, int m) {
+    if (m < S->blk.tile_min_m) return S->parent->bop_q8_bytes(S->parent, w, nr, nc, m);
+    int rows = imin(m, S->blk.mc);
+    size_t codes = kt_format_bits(w->fmt) == 8 ? 0 : kt_align64((size_t)nr * nc);
+    return 64 + kt_align64(2 * sizeof(float) * (size_t)nr) + codes + kt_align64(kt_tile_q8_panel_bytes(nr, nc)) +
+           kt_align64((size_t)kt_round32(rows) * kt_round64i(nc)) + sizeof(int32_t) * (size_t)kt_round32(rows);
+}
+
+static void kt_tile_q8_prep(const kt_slots *S, const kt_wmat *w, int e, int r0, int nr, int c0, int nc, int m,
+                            void *scratch, kt_bop *b) {
+    if (m < S->blk.tile_min_m) {
+        S->parent->bop_q8_prep(S->parent, w, e, r0, nr, c0, nc, m, scratch, b);
+        return;
+    }
+    memset(b, 0, sizeof *b);
+    b->kind = KT_BOP_Q8_PANEL;
+    b->trans = KT_NT;
+    b->N = nr;
+    b->K = nc;
+    b->e = e;
+    b->r0 = r0;
+    b->c0 = c0;
+    char *p = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    float *sc = (float *)p, *z = kt_format_has_zero(w->fmt) == 1 ? sc + nr : NULL;
+    kt_q8_block_scales(w, e, r0, nr, c0, sc, z);
+    p += kt_align64(2 * sizeof(float) * (size_t)nr);
+    size_t ld;
+    const int8_t *codes = kt_q8_block_codes(w, e, r0, nr, c0, nc, (int8_t *)p, &ld);
+    if (codes == (const int8_t *)p) p += kt_align64((size_t)nr * nc);
+    kt_tile_q8_pack(codes, ld, nr, nc, (int8_t *)p);
+    b->panel = p;
+    b->work = p + kt_align64(kt_tile_q8_panel_bytes(nr, nc));
+    b->qscale = sc;
+    b->qzero = z;
+}
+
+static void kt_tile_q8_gemm(const kt_slots *S, int M, const int8_t *const *aq, const float *sa, const kt_bop *b,
+                            float *c, size_t ldc) {
+    if (b->kind != KT_BOP_Q8_PANEL) {
+        S->parent->bop_q8_gemm(S->parent, M, aq, sa, b, c, ldc);
+        return;
+    }
+    int8_t *ap = b->work;
+    int32_t *asum = (int32_t *)((char *)ap + kt_align64((size_t)kt_round32(M) * kt_round64i(b->K)));
+    kt_tile_q8_pack_a(M, b->K, aq, ap, b->qzero ? asum : NULL);
+    kt_tile_q8_gemm_panel(M, b->N, b->K, ap, b->panel, sa, b->qscale, b->qzero, asum, c, ldc);
+}
+
 /* Tile peak: four independent TDPBF16PS chains on resident tiles; 16 x 16 x 32 x 2 FLOPs each. */
 static double kt_tile_peak_loop(long iters) {
     bf16_t ones[16 * 32] __attribute__((aligned(64)));
@@ -206,7 +350,9 @@ static double kt_tile_peak_loop(long iters) {
 /* Shared by the amx and amx-model rows: tiles from tile_min_m rows on (per-level data; to be tuned on
  * silicon), everything else inherited. */
 #define KT_TILE_BLOCKING {.tile_min_m = 8}
-#define KT_TILE_SLOTS \
-    {.bop_bytes = kt_tile_bop_bytes, .bop_prep = kt_tile_bop_prep, .bop_gemm = kt_tile_bop_gemm, .peak_loop = kt_tile_peak_loop}
+#define KT_TILE_SLOTS                                                                                         \
+    {.bop_bytes = kt_tile_bop_bytes, .bop_prep = kt_tile_bop_prep, .bop_gemm = kt_tile_bop_gemm,                \
+     .bop_q8_bytes = kt_tile_q8_bytes, .bop_q8_prep = kt_tile_q8_prep, .bop_q8_gemm = kt_tile_q8_gemm,         \
+     .peak_loop = kt_tile_peak_loop}
 
 #endif
