@@ -1,5 +1,6 @@
 """ktmoe: the routed experts of Mixture-of-Experts LLMs on the CPU, forward and backward with LoRA."""
 from ._version import __version__
+from .checks import finite_checks, set_finite_checks
 from .engine import available_isa_levels, cpu_info, set_isa
 from .experts import KTMoEWrapper
 from .lora import LORA_NAMES
@@ -10,4 +11,4 @@ from .torch_module import KTMoEExperts, KTMoEFunction
 
 __all__ = ["KTMoEWrapper", "KTMoEExperts", "KTMoEFunction", "BaseSFTMoEWrapper", "SFT_METHODS",
            "INFERENCE_METHODS", "REGISTRY", "LORA_NAMES", "cpu_info", "set_isa", "available_isa_levels",
-           "moe_reference"]
+           "moe_reference", "set_finite_checks", "finite_checks"]

@@ -62,19 +62,45 @@ def available_isa_levels() -> List[str]:
     return [lv["name"] for lv in _core.isa_levels() if lv["usable"]]
 
 
-def parse_cpu_list(text: str) -> List[int]:
-    """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11]."""
+def parse_cpu_list(text: str, what: str = "CPU list") -> List[int]:
+    """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11]. A malformed list raises ValueError naming `what`."""
     cpus: List[int] = []
     for item in text.split(","):
         item = item.strip()
         if not item:
             continue
-        if "-" in item:
-            lo, hi = item.split("-", 1)
-            cpus.extend(range(int(lo), int(hi) + 1))
-        else:
-            cpus.append(int(item))
+        try:
+            if "-" in item:
+                lo, hi = item.split("-", 1)
+                lo, hi = int(lo), int(hi)
+                if lo < 0 or hi < lo:
+                    raise ValueError
+                cpus.extend(range(lo, hi + 1))
+            else:
+                c = int(item)
+                if c < 0:
+                    raise ValueError
+                cpus.append(c)
+        except ValueError:
+            raise ValueError(f"{what} {text!r}: {item!r} is not a CPU number or an ascending range like 0-3 "
+                             "(expected e.g. '0-3,8,10-11')") from None
     return cpus
+
+
+def _check_topology(topology, what: str) -> List[List[int]]:
+    """A hand-written subpool layout: a sequence of non-empty sequences of non-negative CPU ints."""
+    if isinstance(topology, (str, bytes)) or not hasattr(topology, "__iter__"):
+        raise ValueError(f"{what} must be a list of CPU lists, e.g. [[0, 1], [2, 3]], got {topology!r}")
+    pools = []
+    for i, p in enumerate(topology):
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
+            raise ValueError(f"{what}[{i}] must be a list of CPU ints, got {p!r}")
+        p = list(p)
+        for c in p:
+            if not isinstance(c, int) or isinstance(c, bool) or c < 0:
+                raise ValueError(f"{what}[{i}] holds {c!r}: CPUs must be non-negative ints")
+        pools.append(p)
+    return pools
 
 
 def allowed_cpus() -> List[int]:
@@ -107,7 +133,7 @@ def plan_subpools(threads: int, parts: int, topology: Optional[Sequence[Sequence
     With a hand-written topology its lists are used as given. Otherwise subpools follow NUMA nodes when
     there are at least `parts` of them, else they are contiguous ranges of the allowed CPUs."""
     if topology is not None:
-        pools = [list(p) for p in topology]
+        pools = _check_topology(topology, "subpool_cpus")
         if len(pools) != parts:
             raise ValueError(f"topology has {len(pools)} subpools but threadpool_count={parts}")
         if any(len(p) == 0 for p in pools):
@@ -136,7 +162,7 @@ def _topology_from_env() -> Optional[List[List[int]]]:
     text = os.environ.get(TOPOLOGY_ENV, "").strip()
     if not text:
         return None
-    return [parse_cpu_list(part) for part in text.split(";") if part.strip()]
+    return [parse_cpu_list(part, f"{TOPOLOGY_ENV}={text!r}: subpool") for part in text.split(";") if part.strip()]
 
 
 def get_engine(threads: Optional[int] = None, parts: int = 1,
@@ -144,6 +170,8 @@ def get_engine(threads: Optional[int] = None, parts: int = 1,
     """The engine for `parts` subpools, created on first use."""
     if parts < 1 or parts > _core.MAX_PARTS:
         raise ValueError(f"threadpool_count must be in [1, {_core.MAX_PARTS}], got {parts}")
+    if topology is not None:
+        topology = _check_topology(topology, "subpool_cpus")
     if topology is None:
         topology = _topology_from_env()
         if topology is not None and len(topology) != parts:

@@ -34,10 +34,23 @@ def live_saved_forwards() -> int:
 
 def flatten_routing(hidden_states: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor):
     """[..., H], [..., k], [..., k] -> [T, H], [T, k] int ids, [T, k] fp32/bf16 weights (what the wrapper takes)."""
+    for name, t in (("hidden_states", hidden_states), ("expert_ids", expert_ids), ("weights", weights)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() == 0:
+            raise ValueError(f"{name} must have at least one dimension, got a 0-dim tensor")
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
-    ids = expert_ids.reshape(x.shape[0], -1)
-    w = weights.reshape(x.shape[0], -1)
+    T = x.shape[0]
+    try:  # the last dim is k; the leading dims must hold the same tokens as hidden_states'
+        ids = expert_ids.reshape(T, expert_ids.shape[-1]) if T == 0 else expert_ids.reshape(T, -1)
+        w = weights.reshape(T, weights.shape[-1]) if T == 0 else weights.reshape(T, -1)
+    except RuntimeError:
+        raise ValueError(f"expert_ids {tuple(expert_ids.shape)} and weights {tuple(weights.shape)} must have "
+                         f"the leading shape of hidden_states {tuple(hidden_states.shape[:-1])} plus k") from None
     if ids.dtype not in (torch.int64, torch.int32):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype is torch.bool:
+            raise ValueError(f"expert_ids must be an integer tensor (int64 or int32), got {ids.dtype}: float ids "
+                             "would be truncated silently; pass the router's topk indices")
         ids = ids.long()
     if w.dtype not in (torch.float32, torch.bfloat16):
         w = w.float()

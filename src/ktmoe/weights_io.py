@@ -53,6 +53,24 @@ def layer_filename(layer_idx: int) -> str:
     return f"layer_{int(layer_idx):03d}.safetensors"
 
 
+def layer_path(folder: str, layer_idx: int) -> str:
+    """Where layer `layer_idx`'s file of a weight folder is (as read_layer reads it)."""
+    folder = os.fspath(folder)
+    try:
+        entry = read_manifest(folder)["layers"].get(str(int(layer_idx)))
+    except (OSError, ValueError):
+        entry = None
+    name = entry["file"] if isinstance(entry, dict) and isinstance(entry.get("file"), str) else \
+        layer_filename(layer_idx)
+    return os.path.join(folder, name)
+
+
+def stat_key(path: str) -> Tuple[int, int, int, int]:
+    """(size, mtime_ns, inode, device) of a file: what changes when it is rewritten, replaced or truncated."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
+
+
 def format_version(weight_format: WeightFormat) -> int:
     return int(getattr(weight_format, "version", DEFAULT_FORMAT_VERSION))
 
@@ -307,10 +325,12 @@ def _check_file(path: str, f, entry: Dict[str, Any], spec: Dict[str, Tuple[torch
 
 
 def _read_tensor(path: str, f, key: str, dtype: torch.dtype, shape: Tuple[int, ...],
-                 order: Optional[torch.Tensor]) -> torch.Tensor:
+                 order: Optional[torch.Tensor], mmap: bool = False, check_finite: bool = True) -> torch.Tensor:
     try:
         if order is None:
-            t = f.get_tensor(key)
+            t = f.get_tensor(key)  # a view of safetensors' (copy-on-write) mapping of the file
+            if not mmap:  # owned memory: the file may change or vanish afterwards
+                t = t.clone()
         else:  # expert by expert into the destination: no second full copy for the permutation
             sl = f.get_slice(key)
             t = torch.empty(shape, dtype=dtype)
@@ -323,17 +343,27 @@ def _read_tensor(path: str, f, key: str, dtype: torch.dtype, shape: Tuple[int, .
                               f"{dtype} {shape}")
     if t.is_floating_point() and key.endswith((".scale", ".zero")) and not bool(torch.isfinite(t).all()):
         raise WeightFileError(f"{path}: tensor key {key!r} holds non-finite values (corrupt file?)")
+    if check_finite and t.is_floating_point() and key.endswith(".data"):
+        from .checks import first_non_finite
+        idx = first_non_finite(t)
+        if idx is not None:
+            raise WeightFileError(f"{path}: tensor key {key!r} holds a non-finite value at expert {idx[0]}, row "
+                                  f"{idx[1] if len(idx) > 1 else '?'} (corrupt file or a NaN checkpoint?)")
     return t.contiguous()
 
 
 def read_layer(folder: str, layer_idx: int, weight_format: WeightFormat, E: int, H: int, I: int,
                group_size: int = 128, order: Optional[torch.Tensor] = None, *,
-               checksum: Optional[bool] = None) -> Tuple[Packed, Packed, Packed]:
+               checksum: Optional[bool] = None, mmap: bool = False,
+               check_finite: bool = True) -> Tuple[Packed, Packed, Packed]:
     """Reads layer `layer_idx` of a weight folder as (gate, up, down) `Packed` for `weight_format`.
 
     order: None, or an int64 tensor [E] with order[p] = the file's expert that goes to slot p.
     checksum: also verify the file's sha256 against the manifest (default: $KTMOE_WEIGHTS_CHECKSUM == "1";
-    the file's size is always checked). Returns only fully read, validated tensors; raises
+    the file's size is always checked). mmap=False (default): the tensors are copied out of the file into
+    memory they own; mmap=True: they stay views of the file's mapping (the caller must detect a changed
+    file: stat_key). check_finite: bf16 codes are checked for NaN/Inf (scales and zeros always are).
+    Returns only fully read, validated tensors; raises
     FileNotFoundError / WeightFileError (ValueError) naming the file and key otherwise."""
     folder = os.fspath(folder)
     m = read_manifest(folder)
@@ -360,15 +390,19 @@ def read_layer(folder: str, layer_idx: int, weight_format: WeightFormat, E: int,
     header = {k: m.get(k) for k in ("layout_version", "format", "format_version", "group_size", "num_experts",
                                     "hidden_size", "moe_intermediate_size")}
     out: List[Packed] = []
+    before = stat_key(path)
     with _open(path) as f:
         _check_file(path, f, entry, spec, header, layer_idx)
         for which, shape in zip(PROJECTIONS, expert_shapes(E, H, I)):
             parts = {}
             for part in PARTS:
                 key = f"{which}.{part}"
-                parts[part] = (_read_tensor(path, f, key, *spec[key], order) if key in spec else None)
+                parts[part] = (_read_tensor(path, f, key, *spec[key], order, mmap, check_finite)
+                               if key in spec else None)
             out.append(Packed(parts["data"], parts["scale"], parts["zero"], shape,
                               _group_of(weight_format, shape[2], group_size)))
+    if stat_key(path) != before:
+        raise WeightFileError(f"{path}: the file changed while it was read (size, mtime or inode); read it again")
     return out[0], out[1], out[2]
 
 

@@ -386,6 +386,16 @@ def _method(method: str) -> Method:
     return REGISTRY[method]
 
 
+def _check_finite(w: torch.Tensor, src: LayerSource, which: str) -> None:
+    """ConvertError naming the layer, projection, expert and row of the first NaN/Inf in the checkpoint."""
+    from ..checks import first_non_finite
+
+    idx = first_non_finite(w)
+    if idx is not None:
+        raise ConvertError(f"layer {src.layer}: the checkpoint's {which}_proj of expert {idx[0]} holds a non-finite "
+                           f"value (NaN/Inf) at row {idx[1]}, column {idx[2]}; nothing was written for this layer")
+
+
 def _sample_check(ckpt: Checkpoint, src: LayerSource, folder: str, fmt: WeightFormat, group_size: int,
                   e: int, bits: int) -> float:
     """decode(stored expert e) == decode(pack(checkpoint expert e)), and close to the original. Returns the
@@ -465,6 +475,7 @@ def convert_checkpoint(input_dir: str, output_dir: str, method: str, group_size:
         with ckpt.opened():
             for which in ("gate", "up", "down"):  # one projection's source tensors in memory at a time
                 w = src.load(ckpt, which)
+                _check_finite(w, src, which)  # every expert: a quantizer would turn a NaN row into zeros
                 packed.append(fmt.pack(w, group_size))
                 del w
         path = weights_io.write_layer(output_dir, idx, fmt, packed, source=source, method=method,

@@ -7,11 +7,15 @@ the constructor (the factory, ktmoe.experts, picks it from the method); nothing 
 is added."""
 from __future__ import annotations
 
+import math
+import os
+import threading
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from .. import _core
+from .. import checks
 from ..engine import get_engine
 from ..formats import WeightFormat, expert_shapes
 from ..lora import LORA_NAMES, lora_shapes
@@ -20,6 +24,7 @@ from ..weights_io import read_layer
 _FLOAT_INPUTS = (torch.bfloat16, torch.float32, torch.float16)
 _ID_DTYPES = (torch.int64, torch.int32)
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+_INT32_MAX = 2**31 - 1
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -33,6 +38,22 @@ def check_tensor(name: str, t, shape: Sequence[int], dtypes: Sequence[torch.dtyp
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.dtype not in dtypes:
         raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def check_has_data(name: str, t: torch.Tensor) -> None:
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is on device meta (no data); expected a tensor with data on the cpu or an "
+                         "accelerator (materialize it first, e.g. with to_empty() and a load)")
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two CPU tensors use the same storage (a view, or the same tensor)."""
+    if a.device.type != "cpu" or b.device.type != "cpu":
+        return False
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except RuntimeError:
+        return False
 
 
 def _check_width(name: str, t, cols: int, hint: str) -> None:
@@ -50,6 +71,7 @@ class SavedForward(NamedTuple):
     T: int
     dtype: torch.dtype
     device: torch.device
+    weights_gen: int  # which load of the frozen weights the activations were computed with
 
 
 class BaseSFTMoEWrapper:
@@ -81,6 +103,16 @@ class BaseSFTMoEWrapper:
         for name, v in ints.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+            if v > _INT32_MAX:
+                raise ValueError(f"{name}={v} exceeds the native limit 2**31 - 1")
+        if chunked_prefill_size * num_experts_per_tok > _INT32_MAX:
+            raise ValueError(f"chunked_prefill_size={chunked_prefill_size} x num_experts_per_tok="
+                             f"{num_experts_per_tok} exceeds the native limit 2**31 - 1 routed pairs per chunk; "
+                             "pick a smaller chunked_prefill_size")
+        if not isinstance(layer_idx, int) or isinstance(layer_idx, bool) or layer_idx < 0:
+            raise ValueError(f"layer_idx must be a non-negative int, got {layer_idx!r}")
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
         if num_experts_per_tok > num_experts:
             raise ValueError(f"num_experts_per_tok={num_experts_per_tok} exceeds num_experts={num_experts}")
         if num_gpu_experts != 0:
@@ -122,7 +154,12 @@ class BaseSFTMoEWrapper:
         self._lora_shape_list = list(self.lora_shapes().values())
         self._grad_buffers: Optional[List[torch.Tensor]] = None
         self._saved: Optional[SavedForward] = None
-        self._scratch_ctx = _core.Context()  # reused by calls that save nothing
+        self._scratch_ctx = _core.Context()  # reused by calls that save nothing (under self._lock)
+        # One call at a time per wrapper: the scratch context, the bound weights/LoRA and _saved are shared
+        # state, and the engine runs one layer call at a time anyway. Reentrant: forward_sft -> _run_forward.
+        self._lock = threading.RLock()
+        self._weights_gen = 0      # bumped by every weight load; a backward checks its forward's
+        self._mapped: Optional[Tuple[str, tuple]] = None  # (path, stat key) when loaded with mmap=True
 
     @staticmethod
     def _check_activation_quant(mode, weight_format: WeightFormat, method: Optional[str]) -> Optional[str]:
@@ -144,25 +181,52 @@ class BaseSFTMoEWrapper:
                                   physical_to_logical_map: Optional[torch.Tensor] = None) -> None:
         """gate_proj, up_proj: [E, I, H]; down_proj: [E, H, I] (out x in, like nn.Linear.weight)."""
         names = ("gate_proj", "up_proj", "down_proj")
-        for name, t, shape in zip(names, (gate_proj, up_proj, down_proj), expert_shapes(self.E, self.H, self.I)):
+        given = (gate_proj, up_proj, down_proj)
+        for name, t, shape in zip(names, given, expert_shapes(self.E, self.H, self.I)):
             check_tensor(name, t, shape, _FLOAT_INPUTS)
+            check_has_data(name, t)
+        if checks.finite_checks():  # before packing: a quantizer would turn a NaN row into zeros
+            for name, t in zip(names, given):
+                checks.check_finite_weight(name, t.detach())
+        order = None
         if physical_to_logical_map is not None:
             order = self._check_expert_map(physical_to_logical_map)
-            gate_proj, up_proj, down_proj = gate_proj[order], up_proj[order], down_proj[order]
         fmt = self.weight_format
-        packed = tuple(fmt.pack(t, self.group_size) for t in (gate_proj, up_proj, down_proj))
-        self._bind_weights(packed)
+        packed = []
+        for src in given:  # one projection at a time: at most one projection's extra copy during the load
+            t = src if order is None else src[order]
+            p = fmt.pack(t, self.group_size)
+            # the wrapper owns what it reads: a packed tensor still sharing the caller's memory (bf16 in place)
+            # is copied, so the caller may reuse, zero or resize its tensor afterwards
+            for part in ("data", "scale", "zero"):
+                v = getattr(p, part)
+                if v is not None and _shares_memory(v, src):
+                    setattr(p, part, v.clone())
+            packed.append(p)
+            del t
+        self._bind_weights(tuple(packed))
 
-    def load_weights(self, physical_to_logical_map: Optional[torch.Tensor] = None) -> None:
+    def load_weights(self, physical_to_logical_map: Optional[torch.Tensor] = None, *, mmap: bool = False) -> None:
         """Loads this layer from `weight_path`, a folder written by `python -m ktmoe.convert` (see
-        docs/weight_format.md). physical_to_logical_map[p] names the file's expert that goes to slot p."""
+        docs/weight_format.md). physical_to_logical_map[p] names the file's expert that goes to slot p.
+
+        By default the layer is read into memory the wrapper owns: the file may be rewritten or deleted
+        afterwards. mmap=True keeps the file memory-mapped instead (pages shared by every process mapping
+        it); each call then checks the file's size, mtime and inode and raises if it changed, but a file
+        truncated *during* a call can still end the process with SIGBUS: that is the price of mapping."""
         if self.weight_path is None:
             raise ValueError("load_weights() needs weight_path= (a folder of pre-converted weights); "
                              "use load_weights_from_tensors() to load from tensors")
         order = None if physical_to_logical_map is None else self._check_expert_map(physical_to_logical_map)
         packed = read_layer(self.weight_path, self.layer_idx, self.weight_format, self.E, self.H, self.I,
-                            self.group_size, order)
+                            self.group_size, order, mmap=mmap, check_finite=checks.finite_checks())
+        mapped = None
+        if mmap and order is None:
+            from ..weights_io import layer_path, stat_key
+            path = layer_path(self.weight_path, self.layer_idx)
+            mapped = (path, stat_key(path))
         self._bind_weights(packed)
+        self._mapped = mapped
 
     def _check_expert_map(self, m) -> torch.Tensor:
         m = torch.as_tensor(m).to("cpu")
@@ -186,10 +250,13 @@ class BaseSFTMoEWrapper:
                      for which, w in zip(names, packed)]
         else:
             views = [(p, which, fmt.view(w, which, 0)) for p in range(self.P) for which, w in zip(names, parts[p])]
-        for p, which, v in views:
-            self._layer.set_weight(p, which, v.fmt, v.data_ptr, v.scale_ptr, v.zero_ptr, v.rows, v.cols,
-                                   v.row0, v.col0, v.group)
-        self._weights, self._part_weights = (packed, None) if parts is None else (None, parts)
+        with self._lock:  # never while another thread's call reads the old weights
+            for p, which, v in views:
+                self._layer.set_weight(p, which, v.fmt, v.data_ptr, v.scale_ptr, v.zero_ptr, v.rows, v.cols,
+                                       v.row0, v.col0, v.group)
+            self._weights, self._part_weights = (packed, None) if parts is None else (None, parts)
+            self._weights_gen += 1
+            self._mapped = None
 
     def _node_local_parts(self, packed):
         """Per-part copies of the weights, each written by its subpool's threads so that first touch puts
@@ -248,15 +315,26 @@ class BaseSFTMoEWrapper:
         if self.lora_rank == 0:
             raise ValueError("this wrapper was built with lora_rank=0")
         given = (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)
-        for name, t in zip(LORA_NAMES, given):
-            check_tensor(name, t, self.lora_shapes()[name], _FLOAT_INPUTS)
-        self._lora_user = tuple(given)
-        self.update_lora_weights()
+        self._check_lora(given)
+        with self._lock:
+            self._lora_user = tuple(given)
+            self.update_lora_weights()
+
+    def _check_lora(self, tensors) -> None:
+        """Shape, dtype, device (and, with the finite checks on, values) of the six LoRA tensors."""
+        shapes = self.lora_shapes()
+        for name, t in zip(LORA_NAMES, tensors):
+            check_tensor(name, t, shapes[name], _FLOAT_INPUTS)
+            check_has_data(name, t)
+        if checks.finite_checks():
+            for name, t in zip(LORA_NAMES, tensors):
+                checks.check_finite_weight(name, t.detach())
 
     def update_lora_weights(self) -> None:
         """Re-reads the LoRA tensors given to init_lora_weights (needed only when they were copied)."""
         if self._lora_user is None:
             raise RuntimeError("update_lora_weights() before init_lora_weights()")
+        self._check_lora(self._lora_user)  # they may have been replaced or resized since init_lora_weights
         lora = []
         for t in self._lora_user:
             t = t.detach()
@@ -267,9 +345,10 @@ class BaseSFTMoEWrapper:
         self._bind_lora(tuple(lora))
 
     def _bind_lora(self, lora: Tuple[torch.Tensor, ...]) -> None:
-        self._lora = lora
-        self._lora_ptrs = tuple(t.data_ptr() for t in lora)
-        self._layer.set_lora(self.lora_rank, self.lora_scale, *self._lora_ptrs)
+        with self._lock:
+            self._lora = lora
+            self._lora_ptrs = tuple(t.data_ptr() for t in lora)
+            self._layer.set_lora(self.lora_rank, self.lora_scale, *self._lora_ptrs)
 
     @property
     def lora_tensors(self) -> Optional[Dict[str, torch.Tensor]]:
@@ -312,7 +391,11 @@ class BaseSFTMoEWrapper:
         if lora is None:
             return False
         if (lora[0].data_ptr(), lora[1].data_ptr(), lora[2].data_ptr(), lora[3].data_ptr(), lora[4].data_ptr(),
-                lora[5].data_ptr()) != self._lora_ptrs:  # storage replaced: rebind
+                lora[5].data_ptr()) != self._lora_ptrs:  # storage replaced (resize_, set_): check, then rebind
+            for name, t, shape in zip(LORA_NAMES, lora, self._lora_shape_list):
+                if t.shape != shape or t.dtype is not torch.float32 or not t.is_contiguous():
+                    raise ValueError(f"{name} changed under the wrapper to {_describe(t)}; expected shape {shape}, "
+                                     "float32, contiguous: call init_lora_weights() with the new tensors")
             self._bind_lora(lora)
         return True
 
@@ -331,11 +414,47 @@ class BaseSFTMoEWrapper:
             t = t.to("cpu")
         return t if t.is_contiguous() else t.contiguous()
 
+    def _check_mapped(self) -> None:
+        path, key = self._mapped
+        from ..weights_io import stat_key
+        try:
+            now = stat_key(path)
+        except OSError as e:
+            raise RuntimeError(f"{path}: the weight file mapped by load_weights(mmap=True) is gone ({e}); "
+                               "call load_weights() again") from None
+        if now != key:
+            raise RuntimeError(f"{path}: the weight file mapped by load_weights(mmap=True) changed since it was "
+                               "loaded (size, mtime or inode); call load_weights() again")
+
+    def _check_output(self, what: str, t: torch.Tensor) -> None:
+        """After a call: an output that turned non-finite is reported, naming the LoRA tensor at fault when
+        one holds NaN/Inf (an optimizer step can put them there)."""
+        if t.numel() == 0 or bool(torch.isfinite(t.abs().amax())):
+            return
+        if self._lora is not None:
+            for name, lt in zip(LORA_NAMES, self._lora):
+                if checks.first_non_finite(lt) is not None:
+                    checks.check_finite_weight(name, lt, " (bound LoRA tensor)")
+        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+        raise ValueError(f"layer {self.layer_idx}: the {what} turned non-finite at {bad} (overflow in the experts; "
+                         "weights, LoRA and inputs are finite)")
+
     def _run_forward(self, hidden_states, expert_ids, weights, save: bool) -> Tuple[torch.Tensor, Optional[SavedForward]]:
+        with self._lock:
+            return self._run_forward_locked(hidden_states, expert_ids, weights, save)
+
+    def _run_forward_locked(self, hidden_states, expert_ids, weights, save):
         self._require_weights()
+        if self._mapped is not None:
+            self._check_mapped()
         T = self._check_inputs(hidden_states, expert_ids, weights)
         if not self._lora_ready() and self.lora_rank > 0 and self.trains and save:
             raise RuntimeError("LoRA weights are not initialised: call init_lora_weights() before training")
+        if T > _INT32_MAX:
+            raise ValueError(f"hidden_states has {T} rows, more than the native limit 2**31 - 1")
+        check = checks.finite_checks()
+        if check and hidden_states.dtype is torch.float32:  # NaN/Inf the kernels reject; this is bf16 overflow
+            checks.check_finite_rows("hidden_states", hidden_states, checks.BF16_OVERFLOW)
         x, x_f32 = self._to_native(hidden_states)
         ids = self._cpu_contiguous(expert_ids)
         w = self._cpu_contiguous(weights)
@@ -353,18 +472,33 @@ class BaseSFTMoEWrapper:
             ctx.forward(layer, core, x_ptr + t0 * x_row, x_f32, out_ptr + t0 * x_row, x_f32, save)
             if save:
                 chunks.append((ctx, t0, t1))
+        if check:
+            self._check_output("forward output", out)
         dev = hidden_states.device
         y = out if out.dtype is hidden_states.dtype and dev.type == "cpu" else \
             out.to(dtype=hidden_states.dtype, device=dev)
-        saved = SavedForward(chunks, T, hidden_states.dtype, dev) if save else None
+        saved = SavedForward(chunks, T, hidden_states.dtype, dev, self._weights_gen) if save else None
         return y, saved
 
     def _run_backward(self, saved: SavedForward, grad_output: torch.Tensor, reuse_grads: bool = False
                       ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        with self._lock:
+            return self._run_backward_locked(saved, grad_output, reuse_grads)
+
+    def _run_backward_locked(self, saved, grad_output, reuse_grads):
         if saved is None:
             raise RuntimeError("backward() needs a forward_sft(..., save_for_backward=True) first")
+        if saved.weights_gen != self._weights_gen:
+            raise RuntimeError(f"layer {self.layer_idx}: the frozen weights were replaced (load_weights*) between "
+                               "this forward and its backward; run the forward again after loading")
+        if self._mapped is not None:
+            self._check_mapped()
         T = saved.T
         check_tensor("grad_output", grad_output, (T, self.H), _FLOAT_INPUTS)
+        check_has_data("grad_output", grad_output)
+        check = checks.finite_checks()
+        if check and grad_output.dtype is torch.float32:
+            checks.check_finite_rows("grad_output", grad_output, checks.BF16_OVERFLOW)
         dy, dy_f32 = self._to_native(grad_output)
         dx = torch.empty((T, self.H), dtype=dy.dtype)
         dw = torch.empty((T, self.k), dtype=torch.float32)
@@ -390,6 +524,11 @@ class BaseSFTMoEWrapper:
             if i > 0 and extra:
                 for g, e in zip(grads, extra):
                     g += e
+        if check:
+            self._check_output("grad_input", dx)
+            self._check_output("routing-weight gradient", dw)
+            for name, g in zip(LORA_NAMES, grads):
+                self._check_output(f"{name} gradient", g)
         dev = saved.device
         grad_input = dx if dx.dtype is saved.dtype and dev.type == "cpu" else dx.to(dtype=saved.dtype, device=dev)
         out = dict(zip(LORA_NAMES, grads))
@@ -400,8 +539,9 @@ class BaseSFTMoEWrapper:
                     save_for_backward: bool = True) -> torch.Tensor:
         """[T, H] -> [T, H]. With save_for_backward the activations are kept for backward() (a new
         forward replaces them, as a recompute under gradient checkpointing must)."""
-        y, saved = self._run_forward(hidden_states, expert_ids, weights, save_for_backward)
-        self._saved = saved
+        with self._lock:
+            y, saved = self._run_forward(hidden_states, expert_ids, weights, save_for_backward)
+            self._saved = saved
         return y
 
     def backward(self, grad_output: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -409,9 +549,10 @@ class BaseSFTMoEWrapper:
 
         The LoRA grad tensors are this wrapper's own buffers, overwritten by the next backward(): use
         them (optimizer step, accumulate) or copy them before then. (The autograd path returns fresh ones.)"""
-        if self._saved is None:
-            raise RuntimeError("backward() needs a forward_sft(..., save_for_backward=True) first")
-        return self._run_backward(self._saved, grad_output, reuse_grads=True)
+        with self._lock:
+            if self._saved is None:
+                raise RuntimeError("backward() needs a forward_sft(..., save_for_backward=True) first")
+            return self._run_backward(self._saved, grad_output, reuse_grads=True)
 
     def forward(self, hidden_states: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Inference: [T, H] -> [T, H], nothing saved."""
@@ -420,8 +561,9 @@ class BaseSFTMoEWrapper:
 
     def release(self) -> None:
         """Drops saved activations and work buffers of this layer."""
-        self._saved = None
-        self._scratch_ctx.release()
+        with self._lock:
+            self._saved = None
+            self._scratch_ctx.release()
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(method={self.method!r}, layer_idx={self.layer_idx}, E={self.E}, k={self.k}, "

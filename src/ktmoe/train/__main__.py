@@ -13,9 +13,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"ktmoe.train: error: {e}", file=sys.stderr)
         return 2
+    from .checkpoint import CheckpointError
     from .trainer import train
 
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except CheckpointError as e:
+        print(f"ktmoe.train: error: {e}", file=sys.stderr)
+        return 2
     print(result.summary(), flush=True)
     return 0
 

@@ -246,7 +246,7 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
                 raise ConfigError(f"data: {cfg.data}: no such file")
             if not cfg.data.endswith((".json", ".jsonl")):
                 raise ConfigError(f"data: {cfg.data}: expected a .json or .jsonl file (alpaca or sharegpt)")
-        if cfg.resume is not None and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.pt")):
+        if cfg.resume not in (None, "latest") and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.pt")):
             raise ConfigError(f"resume: {cfg.resume} is not a ktmoe checkpoint (no trainer_state.pt)")
     if cfg.model is None and cfg.data is None and cfg.max_seq_len < 32:
         raise ConfigError("max_seq_len must be >= 32 for the shipped dataset")
@@ -284,7 +284,8 @@ _HELP = {
     "data": "alpaca or sharegpt .json/.jsonl (default: the shipped tiny instruction set)",
     "target_modules": "comma-separated PEFT target modules besides the experts ('' for none)",
     "compare": "also train the plain PyTorch + PEFT path and compare (default: on for the embedded model)",
-    "resume": "checkpoint folder (output_dir/checkpoint-N) to resume from",
+    "resume": "checkpoint folder (output_dir/checkpoint-N) to resume from, or 'latest': the newest complete one "
+              "in --output-dir",
     "steps": "optimizer steps (default: 200 for the embedded model, else epochs x steps per epoch)",
     "lr": "peak learning rate (default: 3e-3 for the embedded model, else 1e-4)",
     "lr_schedule": "cosine (default), linear or constant, after warmup",

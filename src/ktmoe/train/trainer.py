@@ -14,6 +14,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .. import hf
+from . import checkpoint as ckpt_io
+from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .data import DEFAULT_DATA, Batches, ByteTokenizer, Dataset, build_dataset, load_conversations
 
@@ -180,23 +182,59 @@ class Progress:
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path: str, model, optimizer, scheduler, step: int, stats: RunStats, cfg: TrainConfig) -> None:
-    hf.save_adapter(model, path)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "param_names": [n for n, _ in hf.trainable_parameters(model)], "losses": list(stats.losses),
-                "tokens": stats.tokens, "config": cfg.to_dict()}, os.path.join(path, STATE_FILE))
+def save_checkpoint(path: str, model, optimizer, scheduler, step: int, stats: RunStats, cfg: TrainConfig,
+                    run_id: Optional[str] = None) -> None:
+    """Writes adapter + trainer state atomically (temporary folder, fsync, manifest, rename: see
+    ktmoe.train.checkpoint); a failure leaves earlier checkpoints as they were."""
+    run_id = run_id or ckpt_io.new_run_id()
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "param_names": [n for n, _ in hf.trainable_parameters(model)], "losses": list(stats.losses),
+             "tokens": stats.tokens, "config": cfg.to_dict(), "run_id": run_id}
+
+    def write(folder: str) -> None:
+        try:
+            hf.save_adapter(model, folder)
+            torch.save(state, os.path.join(folder, STATE_FILE))
+        except RuntimeError as e:  # torch/safetensors report a full disk as a short write
+            import shutil
+
+            if shutil.disk_usage(folder).free < (64 << 20) or "space" in str(e).lower():
+                raise OSError(28, f"No space left on device ({e})") from None
+            raise
+
+    identity = dict(config_hash=ckpt_io.config_hash(cfg.to_dict()), seed=cfg.seed, step=step, run_id=run_id)
+    ckpt_io.write_atomic(path, write, identity)
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler) -> Tuple[int, RunStats]:
-    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+def load_checkpoint(path: str, model, optimizer, scheduler, cfg: Optional[TrainConfig] = None) -> Tuple[int, RunStats]:
+    """Verifies (manifest, sizes, hashes, the run's config) and loads a checkpoint; CheckpointError names
+    the problem in one line."""
+    m = ckpt_io.verify(path, None if cfg is None else cfg.to_dict())
+    try:
+        state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - EOFError, pickle errors, ...: a file the manifest did not catch
+        raise CheckpointError(f"resume: {path}: unreadable {STATE_FILE} ({type(e).__name__}: {e})") from None
+    if state.get("run_id") != m.get("run_id") or int(state.get("step", -1)) != m.get("step"):
+        raise CheckpointError(f"resume: {path} mixes files of two runs (trainer state of run {state.get('run_id')} "
+                              f"step {state.get('step')}, manifest of run {m.get('run_id')} step {m.get('step')})")
     names = [n for n, _ in hf.trainable_parameters(model)]
     if names != state["param_names"]:
-        raise ValueError(f"{path}: the checkpoint's trainable parameters differ from this model's "
-                         f"({len(state['param_names'])} vs {len(names)}): resume with the same model and LoRA options")
-    hf.load_adapter(model, path)
+        raise CheckpointError(f"resume: {path}: the checkpoint's trainable parameters differ from this model's "
+                              f"({len(state['param_names'])} vs {len(names)}): resume with the same model and LoRA "
+                              "options")
+    try:
+        hf.load_adapter(model, path)
+    except Exception as e:  # noqa: BLE001 - SafetensorError and friends
+        raise CheckpointError(f"resume: {path}: unreadable adapter ({type(e).__name__}: {e})") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"]), RunStats(losses=list(state["losses"]), tokens=int(state["tokens"]))
+
+
+def checkpoint_bytes(model) -> int:
+    """About what one checkpoint takes: the trainable parameters, twice the optimizer state, and slack."""
+    n = sum(p.numel() * p.element_size() for _, p in hf.trainable_parameters(model))
+    return 4 * n + (1 << 20)
 
 
 # ---------------------------------------------------------------- the loop
@@ -283,6 +321,12 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig) -> TrainResult:
+    resume_path = None
+    if cfg.resume:  # refused before anything is built: incomplete, corrupt, mixed or another run's
+        resume_path = ckpt_io.find_latest(cfg.output_dir, cfg.to_dict()) if cfg.resume == "latest" else cfg.resume
+        m = ckpt_io.verify(resume_path, cfg.to_dict())
+        if cfg.steps and int(m.get("step", 0)) >= cfg.steps:
+            raise CheckpointError(f"resume: the checkpoint is at step {m.get('step')}, the run has {cfg.steps} steps")
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
     tokenizer = load_tokenizer(cfg)
@@ -297,10 +341,14 @@ def _train(cfg: TrainConfig) -> TrainResult:
     init_sd, init_lcfg = hf.adapter_state_dict(model) if compare else (None, None)
     optimizer, scheduler = make_optimizer(cfg, model, total)
     start, stats = 0, RunStats()
+    run_id = ckpt_io.new_run_id()
     if cfg.resume:
-        start, stats = load_checkpoint(cfg.resume, model, optimizer, scheduler)
+        start, stats = load_checkpoint(resume_path, model, optimizer, scheduler, cfg)
+        run_id = ckpt_io.read_manifest(resume_path).get("run_id") or run_id  # the resumed run keeps its identity
         if start >= total:
-            raise ValueError(f"resume: the checkpoint is at step {start}, the run has {total} steps")
+            raise CheckpointError(f"resume: the checkpoint is at step {start}, the run has {total} steps")
+    # where checkpoints go must be writable and roomy before any training (two checkpoints: old + new)
+    ckpt_io.check_output_dir(cfg.output_dir, 2 * checkpoint_bytes(model))
     desc = describe(cfg, base, model, data, device, dtype)
     if cfg.resume and cfg.compare:
         desc["note"] = "the plain PyTorch comparison runs from step 0 only: skipped when resuming"
@@ -309,11 +357,11 @@ def _train(cfg: TrainConfig) -> TrainResult:
     def on_step(step: int) -> None:
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             save_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{step}"), model, optimizer, scheduler, step,
-                            stats, cfg)
+                            stats, cfg, run_id)
 
     run_steps(model, optimizer, scheduler, batches, start, total, device, cfg, stats, "ktmoe", on_step)
     ckpt = os.path.join(cfg.output_dir, f"checkpoint-{total}")
-    save_checkpoint(ckpt, model, optimizer, scheduler, total, stats, cfg)
+    save_checkpoint(ckpt, model, optimizer, scheduler, total, stats, cfg, run_id)
     adapter_dir = os.path.join(cfg.output_dir, "adapter")
     hf.save_adapter(model, adapter_dir)
     del model, base, optimizer, scheduler
