@@ -12,6 +12,8 @@ import sys
 import pytest
 import torch
 
+import ktmoe
+
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
@@ -21,7 +23,8 @@ from ktmoe.train import trainer as T  # noqa: E402
 from ktmoe.train.config import make_config  # noqa: E402
 from ktmoe.train.trainer import train  # noqa: E402
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+# the ktmoe this test process imported (the installed package, or a source tree on PYTHONPATH)
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(ktmoe.__file__)))
 BASE = {"steps": 4, "cpuinfer_threads": THREADS, "save_every": 2, "compare": False, "progress": False,
         "batch_size": 2, "max_seq_len": 64}
 FLAGS = ["--steps", "4", "--cpuinfer-threads", str(THREADS), "--save-every", "2", "--no-compare", "--no-progress",

@@ -25,7 +25,8 @@ from conftest import THREADS, gen, make_expert_weights, make_ids, make_lora, mak
     make_x
 
 E, H, I, K, R = 4, 32, 16, 2, 4
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+# the ktmoe this test process imported (the installed package, or a source tree on PYTHONPATH)
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(ktmoe.__file__)))
 
 
 def _weights(seed=0, dtype=torch.bfloat16):
