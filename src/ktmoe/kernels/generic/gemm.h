@@ -5,6 +5,8 @@
 
 #include "../base.h"
 
+#define KT_NN_PF_ROWS 8 /* software prefetch distance of gemm_nn's row-by-row path, in B rows */
+
 static inline float kt_b_at(const void *b, int b_is_f32, size_t i) {
     return b_is_f32 ? ((const float *)b)[i] : kt_bf(((const bf16_t *)b)[i]);
 }
@@ -78,6 +80,8 @@ static void gemm_nn(int M, int N, int K, const bf16_t *const *a, const bf16_t *b
         for (int k = 0; k < K; k++) {
             const bf16_t *bk = b + (size_t)k * ldb;
             float x0 = kt_bf(a[m][k]);
+            if (k + KT_NN_PF_ROWS < K) /* B rows are strided: fetch one a few rows ahead */
+                for (int n = 0; n < N; n += 32) __builtin_prefetch(bk + (size_t)KT_NN_PF_ROWS * ldb + n);
 #pragma omp simd
             for (int n = 0; n < N; n++) c0[n] += x0 * kt_bf(bk[n]);
         }
