@@ -103,6 +103,31 @@ static void kt_tile_pack_a(int M, int K, const bf16_t *const *a, bf16_t *dst) {
     }
 }
 
+/* One 32 x 32 block of C over kblocks steps of k: tmm0-3 (2 x 2 accumulator tiles) += A tiles (tmm4-5, rows
+ * m and m + 16, astride bytes apart, ak elements per step) x B tiles (tmm6-7, bt elements per panel tile), then
+ * stored into ct[4][16][16]. DOT is the tile dot product (bf16 or int8). */
+#define KT_TILE_BLOCK_2X2(DOT, a0, a1, astride, ak, b0, b1, bt, kblocks, ct) \
+    do {                                                                      \
+        KT_TILE_ZERO(0);                                                      \
+        KT_TILE_ZERO(1);                                                      \
+        KT_TILE_ZERO(2);                                                      \
+        KT_TILE_ZERO(3);                                                      \
+        for (int kb_ = 0; kb_ < (kblocks); kb_++) {                           \
+            KT_TILE_LOAD(4, (a0) + kb_ * (ak), astride);                      \
+            KT_TILE_LOAD(5, (a1) + kb_ * (ak), astride);                      \
+            KT_TILE_LOAD(6, (b0) + (size_t)kb_ * (bt), 64);                   \
+            KT_TILE_LOAD(7, (b1) + (size_t)kb_ * (bt), 64);                   \
+            DOT(0, 4, 6);                                                     \
+            DOT(1, 4, 7);                                                     \
+            DOT(2, 5, 6);                                                     \
+            DOT(3, 5, 7);                                                     \
+        }                                                                     \
+        KT_TILE_STORE(0, (ct)[0], 64);                                        \
+        KT_TILE_STORE(1, (ct)[1], 64);                                        \
+        KT_TILE_STORE(2, (ct)[2], 64);                                        \
+        KT_TILE_STORE(3, (ct)[3], 64);                                        \
+    } while (0)
+
 /* C[m][n] = sum_k A[m][k] B[k][n], A packed by kt_tile_pack_a, B by kt_tile_pack. */
 static void kt_tile_gemm_panel(int M, int N, int K, const bf16_t *ap, const bf16_t *panel, float *c, size_t ldc) {
     int Mp = kt_round32(M), Np = kt_round32(N), Kp = kt_round32(K), kblocks = Kp / KT_TILE_K;
@@ -112,24 +137,7 @@ static void kt_tile_gemm_panel(int M, int N, int K, const bf16_t *ap, const bf16
         const bf16_t *b0 = panel + (size_t)(n0 / 16) * kblocks * 512, *b1 = b0 + (size_t)kblocks * 512;
         for (int m0 = 0; m0 < Mp; m0 += 32) {
             const bf16_t *a0 = ap + (size_t)m0 * Kp, *a1 = a0 + (size_t)16 * Kp;
-            KT_TILE_ZERO(0);
-            KT_TILE_ZERO(1);
-            KT_TILE_ZERO(2);
-            KT_TILE_ZERO(3);
-            for (int kb = 0; kb < kblocks; kb++) {
-                KT_TILE_LOAD(4, a0 + kb * KT_TILE_K, astride);
-                KT_TILE_LOAD(5, a1 + kb * KT_TILE_K, astride);
-                KT_TILE_LOAD(6, b0 + (size_t)kb * 512, 64);
-                KT_TILE_LOAD(7, b1 + (size_t)kb * 512, 64);
-                KT_TILE_DPBF16(0, 4, 6);
-                KT_TILE_DPBF16(1, 4, 7);
-                KT_TILE_DPBF16(2, 5, 6);
-                KT_TILE_DPBF16(3, 5, 7);
-            }
-            KT_TILE_STORE(0, ct[0], 64);
-            KT_TILE_STORE(1, ct[1], 64);
-            KT_TILE_STORE(2, ct[2], 64);
-            KT_TILE_STORE(3, ct[3], 64);
+            KT_TILE_BLOCK_2X2(KT_TILE_DPBF16, a0, a1, astride, KT_TILE_K, b0, b1, 512, kblocks, ct);
             for (int t = 0; t < 4; t++) {
                 int mt = m0 + 16 * (t >> 1), nt = n0 + 16 * (t & 1);
                 int rows = imin(16, M - mt), cols = imin(16, N - nt);
@@ -241,24 +249,7 @@ static void kt_tile_q8_gemm_panel(int M, int N, int K, const int8_t *ap, const i
         const int8_t *b0 = panel + (size_t)(n0 / 16) * kblocks * 1024, *b1 = b0 + (size_t)kblocks * 1024;
         for (int m0 = 0; m0 < Mp; m0 += 32) {
             const int8_t *a0 = ap + (size_t)m0 * Kp, *a1 = a0 + (size_t)16 * Kp;
-            KT_TILE_ZERO(0);
-            KT_TILE_ZERO(1);
-            KT_TILE_ZERO(2);
-            KT_TILE_ZERO(3);
-            for (int kb = 0; kb < kblocks; kb++) {
-                KT_TILE_LOAD(4, a0 + kb * KT_TILE_K8, astride);
-                KT_TILE_LOAD(5, a1 + kb * KT_TILE_K8, astride);
-                KT_TILE_LOAD(6, b0 + (size_t)kb * 1024, 64);
-                KT_TILE_LOAD(7, b1 + (size_t)kb * 1024, 64);
-                KT_TILE_DPBSSD(0, 4, 6);
-                KT_TILE_DPBSSD(1, 4, 7);
-                KT_TILE_DPBSSD(2, 5, 6);
-                KT_TILE_DPBSSD(3, 5, 7);
-            }
-            KT_TILE_STORE(0, ct[0], 64);
-            KT_TILE_STORE(1, ct[1], 64);
-            KT_TILE_STORE(2, ct[2], 64);
-            KT_TILE_STORE(3, ct[3], 64);
+            KT_TILE_BLOCK_2X2(KT_TILE_DPBSSD, a0, a1, astride, KT_TILE_K8, b0, b1, 1024, kblocks, ct);
             for (int t = 0; t < 4; t++) {
                 int mt = m0 + 16 * (t >> 1), nt = n0 + 16 * (t & 1);
                 int rows = imin(16, M - mt), cols = imin(16, N - nt);
