@@ -265,11 +265,12 @@ static void kt_tile_q8_gemm_panel(int M, int N, int K, const int8_t *ap, const i
     }
 }
 
+/* The tile panel goes after what the portable q8 operand uses (scales, decoded codes): the same prep, then
+ * a repack of its codes. */
 static size_t kt_tile_q8_bytes(const kt_slots *S, const kt_wmat *w, int nr, int nc, int m) {
     if (m < S->blk.tile_min_m) return S->parent->bop_q8_bytes(S->parent, w, nr, nc, m);
     int rows = imin(m, S->blk.mc);
-    size_t codes = kt_format_bits(w->fmt) == 8 ? 0 : kt_align64((size_t)nr * nc);
-    return 64 + kt_align64(2 * sizeof(float) * (size_t)nr) + codes + kt_align64(kt_tile_q8_panel_bytes(nr, nc)) +
+    return kt_bop_q8_bytes_rows(S, w, nr, nc, m) + 64 + kt_align64(kt_tile_q8_panel_bytes(nr, nc)) +
            kt_align64((size_t)kt_round32(rows) * kt_round64i(nc)) + sizeof(int32_t) * (size_t)kt_round32(rows);
 }
 
@@ -279,26 +280,13 @@ static void kt_tile_q8_prep(const kt_slots *S, const kt_wmat *w, int e, int r0, 
         S->parent->bop_q8_prep(S->parent, w, e, r0, nr, c0, nc, m, scratch, b);
         return;
     }
-    memset(b, 0, sizeof *b);
+    kt_bop_q8_prep_rows(S, w, e, r0, nr, c0, nc, m, scratch, b);
+    uintptr_t after = (uintptr_t)scratch + kt_bop_q8_bytes_rows(S, w, nr, nc, m);
+    int8_t *panel = (int8_t *)((after + 63) & ~(uintptr_t)63);
+    kt_tile_q8_pack(b->q, b->ld, nr, nc, panel);
     b->kind = KT_BOP_Q8_PANEL;
-    b->trans = KT_NT;
-    b->N = nr;
-    b->K = nc;
-    b->e = e;
-    b->r0 = r0;
-    b->c0 = c0;
-    char *p = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
-    float *sc = (float *)p, *z = kt_format_has_zero(w->fmt) == 1 ? sc + nr : NULL;
-    kt_q8_block_scales(w, e, r0, nr, c0, sc, z);
-    p += kt_align64(2 * sizeof(float) * (size_t)nr);
-    size_t ld;
-    const int8_t *codes = kt_q8_block_codes(w, e, r0, nr, c0, nc, (int8_t *)p, &ld);
-    if (codes == (const int8_t *)p) p += kt_align64((size_t)nr * nc);
-    kt_tile_q8_pack(codes, ld, nr, nc, (int8_t *)p);
-    b->panel = p;
-    b->work = p + kt_align64(kt_tile_q8_panel_bytes(nr, nc));
-    b->qscale = sc;
-    b->qzero = z;
+    b->panel = panel;
+    b->work = panel + kt_align64(kt_tile_q8_panel_bytes(nr, nc));
 }
 
 static void kt_tile_q8_gemm(const kt_slots *S, int M, const int8_t *const *aq, const float *sa, const kt_bop *b,
