@@ -44,6 +44,11 @@ static void arena_free(arena *A) {
     A->n = 0;
 }
 
+static double out_of_memory(char *err) {
+    snprintf(err, KT_ERRLEN, "out of memory");
+    return KT_ENOMEM;
+}
+
 /* ---- random data ---- */
 static uint64_t rng_next(uint64_t *s) {
     *s ^= *s << 13;
@@ -145,19 +150,14 @@ static double check_gemm(const kt_slots *S, int slot, int M, int N, int K, uint6
     const bf16_t **a = a_rows(A, s, M, K);
     void *b = f32 ? (void *)f32_array(A, s, nb, 1.0f) : (void *)bf16_array(A, s, nb);
     float *c = c_block(A, M, N);
-    double *want = malloc(sizeof(double) * 2 * (size_t)M * N);
-    if (A->failed || !want) {
-        free(want);
-        snprintf(err, KT_ERRLEN, "out of memory");
-        return KT_ENOMEM;
-    }
+    double *want = guarded(A, sizeof(double) * 2 * (size_t)M * N);
+    if (A->failed) return out_of_memory(err);
     kt_ref_gemm(trans, M, N, K, a, b, ldb, f32, want, want + (size_t)M * N);
     if (trans == KT_NT)
         S->gemm_nt(M, N, K, a, b, ldb, f32, c, (size_t)N + PAD);
     else
         S->gemm_nn(M, N, K, a, b, ldb, c, (size_t)N + PAD);
     double r = compare(c, (size_t)N + PAD, M, N, want, want + (size_t)M * N, 1e-5, 1e-30, slot_names[slot], err);
-    free(want);
     return r;
 }
 
@@ -170,12 +170,8 @@ static double check_decode(const kt_slots *S, int fmt, int M, int K, int group, 
         return KT_EINVAL;
     }
     int r0 = M / 3, c0 = cols > 1 ? 1 : 0, nr = M - r0, nc = cols - c0; /* odd column start: a high nibble */
-    bf16_t *got = guarded(A, sizeof(bf16_t) * (size_t)nr * nc), *want = malloc(sizeof(bf16_t) * (size_t)nr * nc);
-    if (A->failed || !want) {
-        free(want);
-        snprintf(err, KT_ERRLEN, "out of memory");
-        return KT_ENOMEM;
-    }
+    bf16_t *got = guarded(A, sizeof(bf16_t) * (size_t)nr * nc), *want = guarded(A, sizeof(bf16_t) * (size_t)nr * nc);
+    if (A->failed) return out_of_memory(err);
     kt_decode_block(S, &w, 1, r0, nr, c0, nc, got);
     kt_ref_decode_block(&w, 1, r0, nr, c0, nc, want);
     double r = 0;
@@ -186,7 +182,6 @@ static double check_decode(const kt_slots *S, int fmt, int M, int K, int group, 
             r = INFINITY;
             break;
         }
-    free(want);
     return r;
 }
 
@@ -206,14 +201,9 @@ static double check_bop(const kt_slots *S, int slot, int fmt, int M, int N, int 
     void *scratch = guarded(A, bytes ? bytes : 1);
     const bf16_t **a = a_rows(A, s, M, K);
     float *c = c_block(A, M, N);
-    bf16_t *dec = malloc(sizeof(bf16_t) * ((size_t)nr * nc + 1));
-    double *want = malloc(sizeof(double) * 2 * (size_t)M * N);
-    if (A->failed || !dec || !want) {
-        free(dec);
-        free(want);
-        snprintf(err, KT_ERRLEN, "out of memory");
-        return KT_ENOMEM;
-    }
+    bf16_t *dec = guarded(A, sizeof(bf16_t) * ((size_t)nr * nc + 1));
+    double *want = guarded(A, sizeof(double) * 2 * (size_t)M * N);
+    if (A->failed) return out_of_memory(err);
     kt_ref_decode_block(&w, 1, 1, nr, 1, nc, dec);
     kt_ref_gemm(trans, M, N, K, a, dec, (size_t)nc, 0, want, want + (size_t)M * N);
     kt_bop b;
@@ -223,8 +213,6 @@ static double check_bop(const kt_slots *S, int slot, int fmt, int M, int N, int 
         S->bop_gemm(S, m, a + m0, &b, c + (size_t)m0 * (N + PAD), (size_t)N + PAD);
     }
     double r = compare(c, (size_t)N + PAD, M, N, want, want + (size_t)M * N, 1e-5, 1e-30, slot_names[slot], err);
-    free(dec);
-    free(want);
     return r;
 }
 
@@ -234,12 +222,8 @@ static double check_outer(const kt_slots *S, int slot, int M, int R, int K, uint
     const float *x = slot == KT_SLOT_OUTER_F32 ? f32_array(A, s, (size_t)M * K, 1.0f) : NULL;
     const bf16_t **xb = slot == KT_SLOT_OUTER_BF16 ? a_rows(A, s, M, K) : NULL;
     float *out = c_block(A, R, K);
-    double *want = malloc(sizeof(double) * 2 * (size_t)R * K + 1);
-    if (A->failed || !want) {
-        free(want);
-        snprintf(err, KT_ERRLEN, "out of memory");
-        return KT_ENOMEM;
-    }
+    double *want = guarded(A, sizeof(double) * 2 * (size_t)R * K + 1);
+    if (A->failed) return out_of_memory(err);
     for (int j = 0; j < R; j++)
         for (int n = 0; n < K; n++) out[(size_t)j * (K + PAD) + n] = rng_val(s);
     kt_ref_outer(M, R, K, coef, (size_t)R, x, (size_t)K, xb, out, (size_t)K + PAD, want, want + (size_t)R * K);
@@ -248,7 +232,6 @@ static double check_outer(const kt_slots *S, int slot, int M, int R, int K, uint
     else
         S->outer_bf16(M, R, K, coef, (size_t)R, xb, out, (size_t)K + PAD);
     double r = compare(out, (size_t)K + PAD, R, K, want, want + (size_t)R * K, 1e-6, 1e-30, slot_names[slot], err);
-    free(want);
     return r;
 }
 
@@ -257,12 +240,8 @@ static double check_act(const kt_slots *S, int slot, int n, uint64_t *s, arena *
     float *dhu = f32_array(A, s, (size_t)n, 1.0f);
     bf16_t *gb = bf16_array(A, s, (size_t)n), *ub = bf16_array(A, s, (size_t)n), *h = bf16_array(A, s, (size_t)n);
     float *hf = f32_array(A, s, (size_t)n, 0), *dg = f32_array(A, s, (size_t)n, 0), *du = f32_array(A, s, (size_t)n, 0);
-    double *ref = malloc(sizeof(double) * 3 * (size_t)n + 1);
-    if (A->failed || !ref) {
-        free(ref);
-        snprintf(err, KT_ERRLEN, "out of memory");
-        return KT_ENOMEM;
-    }
+    double *ref = guarded(A, sizeof(double) * 3 * (size_t)n + 1);
+    if (A->failed) return out_of_memory(err);
     double worst = 0;
     if (slot == KT_SLOT_ACT_FWD) {
         S->act_fwd(n, g, u, gb, ub, h);
@@ -270,7 +249,6 @@ static double check_act(const kt_slots *S, int slot, int n, uint64_t *s, arena *
         for (int j = 0; j < n; j++) {
             if (gb[j] != kt_round_bf16(g[j]) || ub[j] != kt_round_bf16(u[j])) {
                 snprintf(err, KT_ERRLEN, "act_fwd: the saved bf16 g/u at %d are not the rounded inputs", j);
-                free(ref);
                 return INFINITY;
             }
             /* one bf16 rounding of h (at most 2^-8 relative) and the fp32 sigmoid: 2^-7 leaves a factor 2 */
@@ -293,7 +271,6 @@ static double check_act(const kt_slots *S, int slot, int n, uint64_t *s, arena *
         if (!(r <= worst)) worst = isnan(r) ? INFINITY : r;
     }
     if (worst > 1 && !err[0]) snprintf(err, KT_ERRLEN, "%s outside tolerance (%.3g)", slot_names[slot], worst);
-    free(ref);
     return worst;
 }
 
@@ -302,11 +279,8 @@ static double check_act(const kt_slots *S, int slot, int n, uint64_t *s, arena *
  * k + 1/2), a row of bf16 denormals and a row with one non-zero value. Codes and scale bit for bit. */
 static double check_q8_quant(const kt_slots *S, int n, uint64_t *s, arena *A, char *err) {
     enum { ROWS = 9 };
-    int8_t *want = malloc((size_t)n + 1);
-    if (!want) {
-        snprintf(err, KT_ERRLEN, "out of memory");
-        return KT_ENOMEM;
-    }
+    int8_t *want = guarded(A, (size_t)n + 1);
+    if (!want) return out_of_memory(err);
     double r = 0;
     for (int row = 0; row < ROWS && r == 0; row++) {
         bf16_t *a = guarded(A, sizeof(bf16_t) * (size_t)n);
@@ -346,11 +320,7 @@ static double check_q8_quant(const kt_slots *S, int n, uint64_t *s, arena *A, ch
             }
         }
     }
-    free(want);
-    if (A->failed) {
-        snprintf(err, KT_ERRLEN, "out of memory");
-        return KT_ENOMEM;
-    }
+    if (A->failed) return out_of_memory(err);
     return r;
 }
 
@@ -376,12 +346,8 @@ static double check_bop_q8(const kt_slots *S, int fmt, int M, int N, int K, uint
             aq[m] = row;
         }
     float *c = c_block(A, M, N);
-    double *want = malloc(sizeof(double) * 2 * (size_t)M * N);
-    if (A->failed || !want) {
-        free(want);
-        snprintf(err, KT_ERRLEN, "out of memory");
-        return KT_ENOMEM;
-    }
+    double *want = guarded(A, sizeof(double) * 2 * (size_t)M * N);
+    if (A->failed) return out_of_memory(err);
     for (int m = 0; m < M; m++) sa[m] = fabsf(sa[m]) + 1e-3f;
     kt_ref_q8_gemm(M, aq, sa, &w, 1, 1, N, 1, K, want, want + (size_t)M * N);
     kt_bop b;
@@ -392,7 +358,6 @@ static double check_bop_q8(const kt_slots *S, int fmt, int M, int N, int K, uint
     }
     /* fp32 epilogue: the int32 -> fp32 conversions and at most three roundings, ~2.4e-7 of mag */
     double r = compare(c, (size_t)N + PAD, M, N, want, want + (size_t)M * N, 1e-6, 1e-30, "bop_q8", err);
-    free(want);
     return r;
 }
 
@@ -412,10 +377,7 @@ double kt_slot_check(int level, int slot, int fmt, int M, int N, int K, int grou
     if (S->thread_init) S->thread_init(); /* the engine does this for its threads; here the caller runs the slot */
     uint64_t s = 0x9e3779b97f4a7c15ull ^ ((uint64_t)seed * 0x2545f4914f6cdd1dull);
     arena *A = calloc(1, sizeof *A);
-    if (!A) {
-        snprintf(err, KT_ERRLEN, "out of memory");
-        return KT_ENOMEM;
-    }
+    if (!A) return out_of_memory(err);
     double r;
     switch (slot) {
     case KT_SLOT_DECODE: r = check_decode(S, fmt, M, K > 0 ? K : 2, group, &s, A, err); break;
