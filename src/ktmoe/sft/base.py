@@ -429,7 +429,7 @@ class BaseSFTMoEWrapper:
     def _check_output(self, what: str, t: torch.Tensor) -> None:
         """After a call: an output that turned non-finite is reported, naming the LoRA tensor at fault when
         one holds NaN/Inf (an optimizer step can put them there)."""
-        if t.numel() == 0 or bool(torch.isfinite(t.abs().amax())):
+        if t.numel() == 0 or bool(torch.isfinite(checks.max_abs(t))):
             return
         if self._lora is not None:
             for name, lt in zip(LORA_NAMES, self._lora):
