@@ -158,6 +158,23 @@ def make_wrapper(E: int, k: int, H: int, I: int, r: int, *, alpha: Optional[floa
     return w
 
 
+def randomized_lora_model(family: str, seed: int, *, dtype=None, **convert):
+    """A tiny transformers model of `family` converted to ktmoe experts (r=4, alpha=8) with PEFT LoRA on
+    the experts and attention, every trainable tensor set to random values (as if trained)."""
+    import ktmoe.hf as kh
+
+    model = kh.tiny_model(family, seed=seed)
+    if dtype is not None:
+        model.to(dtype)
+    kh.convert_model(model, lora_rank=4, lora_alpha=8.0, seed=seed, cpuinfer_threads=THREADS, **convert)
+    pm = kh.add_lora(model, r=4, lora_alpha=8.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, p in kh.trainable_parameters(pm):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return pm
+
+
 def reference(x, ids, rw, weights, lora, scaling, dy=None, act_quant=None):
     """fp32 reference output and (with dy) gradients: (y, dx, dw, {lora name: grad}).
 

@@ -11,20 +11,13 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 import ktmoe.hf as kh  # noqa: E402
-from conftest import THREADS  # noqa: E402
+from conftest import THREADS, randomized_lora_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def trained_like(family="qwen3_moe", seed=81, **convert):
-    model = kh.tiny_model(family, seed=seed)
-    kh.convert_model(model, lora_rank=4, lora_alpha=8.0, seed=seed, cpuinfer_threads=THREADS, **convert)
-    pm = kh.add_lora(model, r=4, lora_alpha=8.0)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, p in kh.trainable_parameters(pm):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return pm
+    return randomized_lora_model(family, seed, **convert)
 
 
 def logits(model):

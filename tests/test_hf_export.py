@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 
 import ktmoe.hf as kh  # noqa: E402
-from conftest import THREADS, rel  # noqa: E402
+from conftest import randomized_lora_model, rel  # noqa: E402
 from tolerances import HF_MERGED_LOGITS_RTOL, HF_MERGED_WEIGHT_ATOL, SAME_PATH_REL_L2  # noqa: E402
 
 FAMILIES = sorted(kh.families())
@@ -20,16 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def randomized(family, seed, method="AMXBF16_SFT", dtype=None):
-    model = kh.tiny_model(family, seed=seed)
-    if dtype is not None:
-        model.to(dtype)
-    kh.convert_model(model, lora_rank=4, lora_alpha=8.0, seed=seed, method=method, cpuinfer_threads=THREADS)
-    pm = kh.add_lora(model, r=4, lora_alpha=8.0)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, p in kh.trainable_parameters(pm):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return pm
+    return randomized_lora_model(family, seed, method=method, dtype=dtype)
 
 
 def probe():
