@@ -21,7 +21,9 @@ GEMM_SHAPES = [(1, 1, 1), (1, 7, 0), (3, 5, 17), (4, 4, 32), (5, 17, 33), (6, 64
                (13, 31, 130), (16, 16, 2048), (9, 70, 767), (2, 129, 2), (12, 3, 1537)]
 # (M, N, K) of the prepared-operand path: fewer rows than a tile level's crossover, tile edges, a row count
 # past one GEMM chunk (blk.mc), odd K (int4 needs even columns of storage, not of the block)
-BOP_SHAPES = [(1, 5, 64), (3, 33, 40), (8, 16, 32), (17, 48, 100), (40, 70, 130), (200, 37, 66)]
+BOP_SHAPES = [(1, 5, 64), (3, 33, 40), (8, 16, 32), (17, 48, 100), (40, 70, 130), (200, 37, 66), (16, 129, 31),
+              (23, 64, 301), (64, 200, 600),
+              (41, 64, 2048), (130, 300, 257)]
 OUTER_SHAPES = [(1, 1, 1), (5, 3, 31), (17, 4, 64), (40, 16, 100), (3, 33, 257)]
 ACT_SIZES = [1, 31, 256]
 # The W8A8 product (M, N, K): fewer rows than a tile level's crossover (blk.tile_min_m = 8) and exactly it,
@@ -60,7 +62,7 @@ def test_decode_slot(level, fmt, group, rows_cols):
 
 
 @pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("slot", ["bop_nt", "bop_nn"])
+@pytest.mark.parametrize("slot", ["bop_nt", "bop_nn", "bop_px"])
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("group", [0, 32], ids=["per_row", "g32"])
 @pytest.mark.parametrize("shape", BOP_SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -18,6 +18,10 @@
  *   bop_bytes/prep/gemm  the packed-panel GEMM: prep makes a block of W ready (in place, decoded, packed
  *                        into the level's tile layout, or left for the fused kernel) as a kt_bop descriptor,
  *                        then bop_gemm runs any number of row chunks against it
+ *   xpack_bytes/xpack/bop_gemm_px  optional (never inherited: they go with the level's own bop slots): the
+ *                        forward's NT products with the activations packed once per expert (xpack) instead
+ *                        of once per weight block; bop_gemm_px then runs a bop_prep'd weight block against
+ *                        rows [m0, m0 + M) of that pack (m0 a multiple of blk.mc)
  *   q8_quant             W8A8 (kt_layer.act_quant): one activation row, given in segments, to int8 codes + scale
  *   bop_q8_bytes/prep/gemm  the W8A8 forward product C = A W^T on int8 codes: prep makes a block of per-row
  *                        int8/int4/int4_1 weights ready as int8 codes (+ per-row scale and zero) in the level's
@@ -37,7 +41,7 @@ struct kt_ctx;
 typedef struct kt_slots kt_slots;
 
 enum { KT_NT = 0, KT_NN = 1 };  /* C = A W^T (block rows are the N outputs) / C = A W (block rows are K) */
-enum { KT_BOP_ROWS = 0, KT_BOP_PANEL = 1, KT_BOP_FUSED = 2, KT_BOP_Q8_ROWS = 3, KT_BOP_Q8_PANEL = 4 };
+enum { KT_BOP_ROWS = 0, KT_BOP_PANEL = 1, KT_BOP_FUSED = 2, KT_BOP_Q8_ROWS = 3, KT_BOP_Q8_PANEL = 4, KT_BOP_PAIRS = 5 };
 
 /* A prepared weight operand (a descriptor first, then the kernel). The block is rows [r0, r0 + nr) x
  * columns [c0, c0 + nc) of expert e's matrix, relative to the part's view; N and K follow from trans. */
@@ -45,7 +49,7 @@ typedef struct {
     int kind, trans, N, K;
     const bf16_t *w;     /* KT_BOP_ROWS: bf16 values of the block, row stride ld */
     size_t ld;
-    const void *panel;   /* KT_BOP_PANEL: the level's packed layout */
+    const void *panel;   /* KT_BOP_PANEL: the tile level's packed layout; KT_BOP_PAIRS: the vdpbf16ps pair panel */
     const kt_wmat *src;  /* KT_BOP_FUSED: decoded inside the kernel */
     int e, r0, c0;
     void *work;          /* bop_gemm's own scratch (A packing, fp32 rows, decode tables) */
@@ -63,6 +67,7 @@ typedef struct {
     int nbh;                       /* columns of H per task of the stages that write rows of H (<= KT_MAX_NB) */
     int fused_max_m[KT_W_COUNT];   /* experts with at most this many rows take qdot_small (-1: never) */
     int tile_min_m;                /* tile levels: fewer rows take the parent's kernels */
+    int xpack_min_m;               /* levels with xpack: experts with at least this many rows take it */
 } kt_blocking;
 
 #define KT_MAX_MC 256
@@ -86,6 +91,9 @@ struct kt_slots {
     void (*bop_prep)(const kt_slots *S, const kt_wmat *w, int e, int r0, int nr, int c0, int nc, int trans, int m,
                      void *scratch, kt_bop *b);
     void (*bop_gemm)(const kt_slots *S, int M, const bf16_t *const *a, const kt_bop *b, float *c, size_t ldc);
+    size_t (*xpack_bytes)(int M, int K);
+    void (*xpack)(int M, int K, const bf16_t *const *a, void *dst);
+    void (*bop_gemm_px)(const kt_slots *S, int M, const void *px, int m0, const kt_bop *b, float *c, size_t ldc);
     /* One activation row of sum(len) bf16 values, given as nseg segments seg[i] of len[i] values: codes
      * dst[i][j] = round-half-even(seg[i][j] / sa) clamped to [-127, 127]; returns sa = max|a| / 127 (1 when
      * every value is 0), both in fp32 exactly as written (the Python reference does the same operations). */

@@ -13,7 +13,7 @@
 
 static const char *const slot_names[KT_SLOT_COUNT] = {"gemm_nt", "gemm_nt_f32", "gemm_nn", "decode", "bop_nt",
                                                        "bop_nn", "outer_f32", "outer_bf16", "act_fwd", "act_bwd",
-                                                       "q8_quant", "bop_q8"};
+                                                       "q8_quant", "bop_q8", "bop_px"};
 
 const char *kt_slot_name(int slot) { return slot >= 0 && slot < KT_SLOT_COUNT ? slot_names[slot] : NULL; }
 
@@ -216,6 +216,41 @@ static double check_bop(const kt_slots *S, int slot, int fmt, int M, int N, int 
     return r;
 }
 
+/* The packed-activation NT path (xpack, bop_gemm_px) as the forward uses it: all M rows packed once, the
+ * weight block prepared for M rows, GEMM chunks of at most blk.mc rows at their offset in the pack. Levels
+ * without xpack, or fewer rows than it takes, have nothing to check. */
+static double check_bop_px(const kt_slots *S, int fmt, int M, int N, int K, int group, uint64_t *s, arena *A,
+                           char *err) {
+    if (!S->xpack || M < S->blk.xpack_min_m) {
+        snprintf(err, KT_ERRLEN, "not used at this level for M=%d", M);
+        return 0;
+    }
+    int cols = round_up(round_up(1 + K, group ? group : 2), 2);
+    kt_wmat w;
+    if (!make_weights(A, s, fmt, N + 1, cols, group ? group : cols, &w)) {
+        snprintf(err, KT_ERRLEN, "could not build %s weights", kt_format_name(fmt));
+        return KT_EINVAL;
+    }
+    size_t bytes = S->bop_bytes(S, &w, KT_NT, N, K, M);
+    void *scratch = guarded(A, bytes ? bytes : 1);
+    void *px = guarded(A, S->xpack_bytes(M, K));
+    const bf16_t **a = a_rows(A, s, M, K);
+    float *c = c_block(A, M, N);
+    bf16_t *dec = guarded(A, sizeof(bf16_t) * ((size_t)N * K + 1));
+    double *want = guarded(A, sizeof(double) * 2 * (size_t)M * N);
+    if (A->failed) return out_of_memory(err);
+    kt_ref_decode_block(&w, 1, 1, N, 1, K, dec);
+    kt_ref_gemm(KT_NT, M, N, K, a, dec, (size_t)K, 0, want, want + (size_t)M * N);
+    S->xpack(M, K, a, px);
+    kt_bop b;
+    S->bop_prep(S, &w, 1, 1, N, 1, K, KT_NT, M, scratch, &b);
+    for (int m0 = 0; m0 < M; m0 += S->blk.mc) {
+        int m = imin(S->blk.mc, M - m0);
+        S->bop_gemm_px(S, m, px, m0, &b, c + (size_t)m0 * (N + PAD), (size_t)N + PAD);
+    }
+    return compare(c, (size_t)N + PAD, M, N, want, want + (size_t)M * N, 1e-5, 1e-30, "bop_px", err);
+}
+
 /* outer: M pairs, R = N output rows, K columns */
 static double check_outer(const kt_slots *S, int slot, int M, int R, int K, uint64_t *s, arena *A, char *err) {
     const float *coef = f32_array(A, s, (size_t)M * R, 1.0f);
@@ -388,6 +423,7 @@ double kt_slot_check(int level, int slot, int fmt, int M, int N, int K, int grou
     case KT_SLOT_ACT_FWD:
     case KT_SLOT_ACT_BWD: r = check_act(S, slot, N, &s, A, err); break;
     case KT_SLOT_Q8_QUANT: r = check_q8_quant(S, N, &s, A, err); break;
+    case KT_SLOT_BOP_PX: r = check_bop_px(S, fmt, M, N, K > 0 ? K : 1, group, &s, A, err); break;
     case KT_SLOT_BOP_Q8: r = check_bop_q8(S, fmt, M, N, K > 0 ? K : 1, &s, A, err); break;
     default: r = check_gemm(S, slot, M, N, K, &s, A, err); break;
     }

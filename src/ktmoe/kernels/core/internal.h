@@ -22,7 +22,7 @@ void *kt_scratch_slot(kt_engine *eng, int tid, int slot, size_t bytes);
 #define kt_scratch(eng, tid, bytes) kt_scratch_slot(eng, tid, 0, bytes)
 /* Engine-wide work buffers, valid during one call (forward-only intermediates are not kept per layer). */
 enum { KT_SH_H, KT_SH_PAIRS, KT_SH_DY, KT_SH_DG, KT_SH_DU, KT_SH_BD, KT_SH_DWPART, KT_SH_TASKS,
-       KT_SH_XQ, KT_SH_HQ, KT_SHARED_SLOTS };
+       KT_SH_XQ, KT_SH_HQ, KT_SH_XP, KT_SH_HP, KT_SH_XOFF, KT_SHARED_SLOTS };
 void *kt_shared_buffer(kt_engine *eng, int slot, size_t bytes);
 
 /* ---- stage timing (KTMOE_PROFILE): cumulative seconds per named stage, read by the bench ---- */

@@ -61,6 +61,7 @@ static void inherit(kt_slots *out, const kt_level *row, const kt_slots *p) {
     INHERIT(blk.nbb);
     INHERIT(blk.nbh);
     INHERIT(blk.tile_min_m);
+    INHERIT(blk.xpack_min_m);
 }
 
 /* The best usable level without tiles (the tile levels come last in enum kt_isa). */

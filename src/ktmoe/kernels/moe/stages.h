@@ -52,6 +52,9 @@ typedef struct {
     float *bd;                /* [npairs, r] Bd^T dy */
     float *bg[KT_MAX_PARTS], *bu[KT_MAX_PARTS];  /* [npairs, r] this part's dg Bg, du Bu */
     float *dwp[KT_MAX_PARTS]; /* [nblk_b, npairs] partial <dhu, h> */
+    size_t *xoff, *hoff;      /* xpack: byte offset of each expert's packed x in xp, of its packed h in hp[p]
+                               * (hoff[p * E + e]); SIZE_MAX: not packed. xoff NULL: no expert packed */
+    char *xp, *hp[KT_MAX_PARTS];
     int8_t *xq;               /* W8A8: [T, H] codes of x, scales xs [T] */
     float *xs;
     int8_t *hq[KT_MAX_PARTS]; /* W8A8: [npairs, Ip] codes of each part's slice of h, one scale per pair hs */
@@ -250,6 +253,75 @@ static void fwd_w_gemm(const stage_args *a, int m, const fwd_rows *r, const kt_b
         S->bop_gemm(S, m, r->rows, b, c, ldc);
 }
 
+/* ---- packed activations (levels with xpack): x and h packed once per expert for the NT products ---- */
+
+static int packed(const stage_args *a, int e) { return a->xoff && a->xoff[e] != SIZE_MAX; }
+
+static int xpack_setup(stage_args *a, char *err) {
+    const kt_slots *S = a->S;
+    const kt_ctx *ctx = a->ctx;
+    a->xoff = NULL;
+    if (!S->xpack || a->L->act_quant) return KT_OK;
+    const int E = ctx->E, P = ctx->nparts;
+    size_t *off = kt_shared_buffer(a->eng, KT_SH_XOFF, sizeof(size_t) * (size_t)(1 + P) * E);
+    if (!off) goto oom;
+    size_t tx = 0, th[KT_MAX_PARTS] = {0};
+    for (int e = 0; e < E; e++) {
+        int me = expert_rows(ctx, e), take = me >= S->blk.xpack_min_m;
+        off[e] = take ? tx : SIZE_MAX;
+        if (take) tx += S->xpack_bytes(me, ctx->H);
+        for (int p = 0; p < P; p++) {
+            off[(size_t)(1 + p) * E + e] = take ? th[p] : SIZE_MAX;
+            if (take) th[p] += S->xpack_bytes(me, ctx->part_i0[p + 1] - ctx->part_i0[p]);
+        }
+    }
+    if (!tx) return KT_OK;
+    size_t hall = 0;
+    for (int p = 0; p < P; p++) hall += th[p];
+    a->xp = kt_shared_buffer(a->eng, KT_SH_XP, tx);
+    char *hp = kt_shared_buffer(a->eng, KT_SH_HP, hall);
+    if (!a->xp || !hp) goto oom;
+    for (int p = 0; p < P; p++) {
+        a->hp[p] = hp;
+        hp += th[p];
+    }
+    a->xoff = off;
+    a->hoff = off + E;
+    return KT_OK;
+oom:
+    snprintf(err, KT_ERRLEN, "out of memory (packed activations)");
+    return KT_ENOMEM;
+}
+
+/* Packs the rows of one expert: x by token (part < 0) or the part's h by pair. Task = active expert. */
+static void pack_rows(stage_args *a, int part, int task, int tid) {
+    const kt_ctx *ctx = a->ctx;
+    int e = a->active[task], me = expert_rows(ctx, e);
+    if (!packed(a, e)) return;
+    const bf16_t **rows = kt_scratch(a->eng, tid, sizeof(bf16_t *) * (size_t)me);
+    if (!rows) {
+        fail(a, 2, 0);
+        return;
+    }
+    int K;
+    char *dst;
+    if (part < 0) {
+        K = ctx->H;
+        rows_by_token(rows, ctx, ctx->x, (size_t)K, ctx->expert_off[e], me);
+        dst = a->xp + a->xoff[e];
+    } else {
+        K = ctx->part_i0[part + 1] - ctx->part_i0[part];
+        rows_by_pair(rows, a->h[part], (size_t)K, ctx->expert_off[e], me);
+        dst = a->hp[part] + a->hoff[(size_t)part * ctx->E + e];
+    }
+    a->S->xpack(me, K, rows, dst);
+}
+static void fwd_xpack_task(void *arg, int part, int task, int tid) {
+    (void)part;
+    pack_rows(arg, -1, task, tid);
+}
+static void fwd_hpack_task(void *arg, int part, int task, int tid) { pack_rows(arg, part, task, tid); }
+
 /* gate+up GEMMs with LoRA, then h = silu(g) * u. Task = (active expert, column block of the part). */
 static void fwd_gate_up_task(void *arg, int part, int task, int tid) {
     stage_args *a = arg;
@@ -286,8 +358,14 @@ static void fwd_gate_up_task(void *arg, int part, int task, int tid) {
         } else {
             rows_by_token(rw.rows, ctx, ctx->x, (size_t)H, p0, m);
         }
-        fwd_w_gemm(a, m, &rw, &bg, cg, (size_t)NB);
-        fwd_w_gemm(a, m, &rw, &bu, cu, (size_t)NB);
+        if (packed(a, e)) {
+            const char *px = a->xp + a->xoff[e];
+            S->bop_gemm_px(S, m, px, p0 - ctx->expert_off[e], &bg, cg, (size_t)NB);
+            S->bop_gemm_px(S, m, px, p0 - ctx->expert_off[e], &bu, cu, (size_t)NB);
+        } else {
+            fwd_w_gemm(a, m, &rw, &bg, cg, (size_t)NB);
+            fwd_w_gemm(a, m, &rw, &bu, cu, (size_t)NB);
+        }
         if (r > 0) {
             size_t brow = ((size_t)e * L->I + (size_t)(i0 + n0)) * r;
             if (!add_lora_out(a, tid, cg, (size_t)NB, m, nb, ctx->ag + (size_t)p0 * r, L->gate_b + brow, r, a->s) ||
@@ -366,7 +444,11 @@ static void fwd_down_task(void *arg, int part, int task, int tid) {
         } else {
             rows_by_pair(rw.rows, a->h[part], (size_t)Ip, p0, m);
         }
-        fwd_w_gemm(a, m, &rw, &bd, c, (size_t)H);
+        if (packed(a, e))
+            a->S->bop_gemm_px(a->S, m, a->hp[part] + a->hoff[(size_t)part * ctx->E + e], p0 - ctx->expert_off[e],
+                              &bd, c, (size_t)H);
+        else
+            fwd_w_gemm(a, m, &rw, &bd, c, (size_t)H);
         if (r > 0 && !add_lora_out(a, tid, c, (size_t)H, m, nb, ctx->ad[part] + (size_t)p0 * r,
                                    L->down_b + ((size_t)e * H + (size_t)n0) * r, r, a->s)) {
             fail(a, 2, 0);
@@ -508,6 +590,8 @@ static int kt_stages_forward(const kt_slots *S, kt_ctx *ctx, const kt_layer *L, 
     if ((rc = finish(&a, "hidden_states", err))) return rc;
     if ((rc = part_matrices(&a, KT_SH_H, a.h, err))) return rc;
     if ((rc = pair_buffer(&a, err))) return rc;
+    if ((rc = xpack_setup(&a, err))) return rc;
+    if (a.xoff) run_all_timed(&a, "fwd_xpack", a.nactive, fwd_xpack_task, &a);
     if (L->act_quant) {
         if ((rc = q8_buffers(&a, KT_SH_XQ, ctx->T, ctx->H, 0, &a.xq, &a.xs, err)) ||
             (rc = q8_buffers(&a, KT_SH_HQ, ctx->npairs, ctx->I, 1, a.hq, &a.hs, err)))
@@ -524,6 +608,11 @@ static int kt_stages_forward(const kt_slots *S, kt_ctx *ctx, const kt_layer *L, 
     }
     if ((rc = finish(&a, "hidden_states", err))) return rc; /* out of memory in a task: stop here */
     if (L->act_quant) run_all_timed(&a, "fwd_quant_h", (ctx->npairs + 15) / 16, fwd_quant_h_task, &a);
+    if (a.xoff) {
+        for (int p = 0; p < P; p++) nt[p] = a.nactive;
+        run_parts_timed(&a, "fwd_hpack", nt, fwd_hpack_task, &a);
+        if ((rc = finish(&a, "hidden_states", err))) return rc;
+    }
     for (int p = 0; p < P; p++) nt[p] = a.nactive * a.nblk_h;
     run_parts_timed(&a, "fwd_down", nt, fwd_down_task, &a);
     combine_pairs(&a, out, out_is_f32);

@@ -5,6 +5,7 @@
 #include "../../core/cpu.h"
 #include "decode.h"
 #include "gemm.h"
+#include "panel.h"
 #include "qdot.h"
 
 /* 12 independent dot-product chains hide the instruction's latency. */
@@ -31,7 +32,8 @@ const kt_level kt_level_avx512bf16 = {
     .usable = kt_cpu_usable_avx512bf16,
     /* break-even of the fused path vs decode + gemm_nn, measured on Zen 4: int4 decoding costs more in the
      * block form, so it wins up to more rows */
-    .blk = {.fused_max_m = {[KT_W_INT8] = 8, [KT_W_INT4] = 16, [KT_W_INT4_1] = 16}},
+    .blk = {.fused_max_m = {[KT_W_INT8] = 8, [KT_W_INT4] = 16, [KT_W_INT4_1] = 16},
+            .xpack_min_m = 40},
     .slots =
         {
             .gemm_nt = gemm_nt,
@@ -39,6 +41,11 @@ const kt_level kt_level_avx512bf16 = {
             .decode_run = {[KT_W_INT8] = kt_decode_int8_avx512bf16, [KT_W_INT4] = kt_decode_int4_avx512bf16,
                            [KT_W_INT4_1] = kt_decode_int4_1_avx512bf16},
             .qdot_small = kt_qdot_small,
+            .bop_bytes = kt_px_bop_bytes,
+            .bop_prep = kt_px_bop_prep,
+            .xpack_bytes = kt_px_bytes,
+            .xpack = kt_px_pack,
+            .bop_gemm_px = kt_px_bop_gemm,
             .peak_loop = peak_loop_dpbf16,
         },
 };

@@ -1,0 +1,211 @@
+/* The avx512bf16 packed-panel operand (the bop_* slots, contract in slots.h), for experts with enough rows.
+ *
+ * Why: the row-block kernels of gemm.h read the weights where they lie, so every row block re-reads (NT: the
+ * activation rows from L2, once per 4 weight rows) or re-interleaves (NN: vpunpck per k pair) the same data.
+ * Here a block of W is packed once per task into the layout vdpbf16ps wants as its B operand, and every row
+ * of the expert then runs against that panel from L1:
+ *
+ *   panel j (64 output columns), k pair p:  64 dwords, dword n = (B[2p][64j + n], B[2p + 1][64j + n])
+ *
+ * zero-padded past N and (odd K) in the upper half of the last pair. NT blocks (W [N, K] rows, reduction
+ * along the row) are packed with 16 x 16 dword transposes, NN blocks (W [K, N], reduction across rows) by
+ * interleaving two rows (vpermt2w); quantized formats are decoded into bf16 rows first (kt_decode_block).
+ *
+ * Micro-kernel: MR (<= 6, balanced) rows x 64 columns = 24 accumulators; per k pair 4 panel loads, MR
+ * 32-bit broadcasts of A, 4 x MR vdpbf16ps. K runs in chunks of KT_PN_KC pairs (a 32 KB slice of the panel
+ * stays in L1 while every row block passes over it); the partial sums of later chunks are added into C.
+ * An odd K's last pair broadcasts (A[K-1], 0) from one bf16, never reading past the end of a row.
+ */
+#ifndef KTMOE_AVX512BF16_PANEL_H
+#define KTMOE_AVX512BF16_PANEL_H
+
+#include "../../core/internal.h"
+#include "gemm.h"
+
+#include <immintrin.h>
+
+#define KT_PN_AI static inline __attribute__((always_inline))
+
+#ifndef KT_PN_KC
+#define KT_PN_KC 128 /* k pairs per chunk: 128 x 256 bytes = 32 KB of panel (Zen 5 L1d 48 KB) */
+#endif
+#define KT_PN_MR 6
+
+/* ---- packing ---- */
+
+/* 16 rows of 16 dwords -> out[c] = dword c of every row (rows in lanes). */
+KT_PN_AI void kt_pn_transpose16(__m512i r[16], __m512i out[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    /* u[4g + i], lane L: dword 4L + i of rows 4g .. 4g + 3 */
+    for (int g = 0; g < 4; g++) {
+        u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        __m512i v0 = _mm512_shuffle_i32x4(u[i], u[4 + i], 0x88), v1 = _mm512_shuffle_i32x4(u[i], u[4 + i], 0xDD);
+        __m512i w0 = _mm512_shuffle_i32x4(u[8 + i], u[12 + i], 0x88), w1 = _mm512_shuffle_i32x4(u[8 + i], u[12 + i], 0xDD);
+        out[i] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+        out[8 + i] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
+        out[4 + i] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+        out[12 + i] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
+    }
+}
+
+/* M activation rows (bf16 pointers, K values each) -> the pair panel: m-group g (64 rows), pair p: 64 dwords,
+ * dword i = (A[64g + i][2p], A[64g + i][2p + 1]); zero past M and in the upper half of an odd K's last pair. */
+static void kt_px_pack(int M, int K, const bf16_t *const *a, void *dst) {
+    const int pairs = (K + 1) / 2;
+    for (int m0 = 0; m0 < M; m0 += 64) {
+        uint32_t *panel = (uint32_t *)dst + (size_t)(m0 / 64) * pairs * 64;
+        for (int q = 0; q < 64; q += 16) {
+            const int rows = M - m0 - q < 0 ? 0 : (M - m0 - q < 16 ? M - m0 - q : 16);
+            if (!rows) { /* an unused column group of the last m-group */
+                for (int p = 0; p < pairs; p++) _mm512_storeu_si512(panel + (size_t)p * 64 + q, _mm512_setzero_si512());
+                continue;
+            }
+            for (int k = 0; k < K; k += 32) {
+                const __mmask32 mk = kt_mask32(K - k);
+                __m512i r[16], o[16];
+                for (int i = 0; i < 16; i++)
+                    r[i] = i < rows ? _mm512_maskz_loadu_epi16(mk, a[m0 + q + i] + k) : _mm512_setzero_si512();
+                kt_pn_transpose16(r, o);
+                const int np = pairs - k / 2 < 16 ? pairs - k / 2 : 16;
+                for (int c = 0; c < np; c++) _mm512_storeu_si512(panel + (size_t)(k / 2 + c) * 64 + q, o[c]);
+            }
+        }
+    }
+}
+
+static size_t kt_px_bytes(int M, int K) { return (size_t)((M + 63) / 64) * (size_t)((K + 1) / 2) * 256; }
+
+/* ---- the micro-kernel: C^T = W X^T ---- */
+
+/* ct[i][16j + l] (+)= sum over kp pairs of W row i (broadcast dword) x the panel's pair dwords, i < MR weight
+ * rows, j < NH groups of 16 activation rows; odd: one more pair (W[i][K-1], 0) read as a single bf16. */
+KT_PN_AI void kt_px_kernel(const int MR, const int NH, int kp, int odd, const bf16_t *const *wr, const uint32_t *pb,
+                           float *ct, int accumulate) {
+    __m512 acc[KT_PN_MR][4];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NH; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int p = 0; p < kp; p++, pb += 64) {
+        __m512i b[4];
+        for (int j = 0; j < NH; j++) b[j] = _mm512_loadu_si512(pb + 16 * j);
+        for (int i = 0; i < MR; i++) {
+            __m512i wv = _mm512_set1_epi32((int)kt_ld32(wr[i] + 2 * p));
+            for (int j = 0; j < NH; j++) acc[i][j] = kt_dp(acc[i][j], wv, b[j]);
+        }
+    }
+    if (odd) {
+        __m512i b[4];
+        for (int j = 0; j < NH; j++) b[j] = _mm512_loadu_si512(pb + 16 * j);
+        for (int i = 0; i < MR; i++) {
+            __m512i wv = _mm512_set1_epi32((int)(uint32_t)wr[i][2 * kp]);
+            for (int j = 0; j < NH; j++) acc[i][j] = kt_dp(acc[i][j], wv, b[j]);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NH; j++) {
+            float *d = ct + (size_t)i * 64 + 16 * j;
+            _mm512_storeu_ps(d, accumulate ? _mm512_add_ps(acc[i][j], _mm512_loadu_ps(d)) : acc[i][j]);
+        }
+}
+
+#define KT_PX_ROWS(NH)                                                                                         \
+    switch (mr) {                                                                                            \
+    case 1: kt_px_kernel(1, NH, full, odd, wr, pb, cti, p0 > 0); break;                                      \
+    case 2: kt_px_kernel(2, NH, full, odd, wr, pb, cti, p0 > 0); break;                                      \
+    case 3: kt_px_kernel(3, NH, full, odd, wr, pb, cti, p0 > 0); break;                                      \
+    case 4: kt_px_kernel(4, NH, full, odd, wr, pb, cti, p0 > 0); break;                                      \
+    case 5: kt_px_kernel(5, NH, full, odd, wr, pb, cti, p0 > 0); break;                                      \
+    default: kt_px_kernel(6, NH, full, odd, wr, pb, cti, p0 > 0); break;                                     \
+    }
+
+/* C[M, N] = X W^T, X given as the pair panel px (M rows), W as N bf16 rows of K values (stride ldw); ct:
+ * N x 64 floats of scratch. Per m-group: K chunks outer (a 32 KB panel slice stays in L1), balanced blocks
+ * of <= 6 weight rows inner, each prefetching its rows' next chunk; then ct is written to C transposed. */
+static void kt_px_gemm(int M, int N, int K, const void *px, const bf16_t *w, size_t ldw, float *ct, float *c,
+                       size_t ldc) {
+    if (M <= 0 || N <= 0) return;
+    const int pairs = (K + 1) / 2, nblk = (N + KT_PN_MR - 1) / KT_PN_MR;
+    const bf16_t *wr[KT_PN_MR];
+    for (int m0 = 0; m0 < M; m0 += 64) {
+        const int mg = M - m0 < 64 ? M - m0 : 64, nh = (mg + 15) / 16;
+        const uint32_t *pg = (const uint32_t *)px + (size_t)(m0 / 64) * pairs * 64;
+        if (m0 == 0) /* the first chunk of every weight row at once: many misses in flight, not one per row */
+            for (int n = 0; n < N; n++) {
+                const char *q = (const char *)(w + (size_t)n * ldw);
+                const int bytes = 4 * (pairs < KT_PN_KC ? pairs : KT_PN_KC);
+                for (int off = 0; off < bytes; off += 64) _mm_prefetch(q + off, _MM_HINT_T1);
+            }
+        int p0 = 0;
+        do {
+            const int kp = pairs - p0 < KT_PN_KC ? pairs - p0 : KT_PN_KC;
+            const int last = p0 + kp == pairs, odd = last && (K & 1), full = odd ? kp - 1 : kp;
+            const int pfk = last ? 0 : (pairs - p0 - kp < KT_PN_KC ? pairs - p0 - kp : KT_PN_KC); /* next chunk */
+            const uint32_t *pb = pg + (size_t)p0 * 64;
+            for (int n = 0, blk = 0; n < N; blk++) {
+                const int mr = (N - n + (nblk - blk) - 1) / (nblk - blk);
+                for (int i = 0; i < mr; i++) wr[i] = w + (size_t)(n + i) * ldw + 2 * p0;
+                if (m0 == 0 && pfk) /* the weights come from memory once: fetch this block's next chunk */
+                    for (int i = 0; i < mr; i++) {
+                        const char *q = (const char *)(wr[i] + 2 * kp);
+                        for (int off = 0; off < 4 * pfk; off += 64) _mm_prefetch(q + off, _MM_HINT_T1);
+                    }
+                float *cti = ct + (size_t)n * 64;
+                switch (nh) {
+                case 1: KT_PX_ROWS(1) break;
+                case 2: KT_PX_ROWS(2) break;
+                case 3: KT_PX_ROWS(3) break;
+                default: KT_PX_ROWS(4) break;
+                }
+                n += mr;
+            }
+            p0 += kp;
+        } while (p0 < pairs);
+        for (int n0 = 0; n0 < N; n0 += 16) { /* ct [N][64] -> C rows m0 + i, 16 x 16 blocks */
+            const int nn = N - n0 < 16 ? N - n0 : 16;
+            const __mmask16 mk = kt_mask16(nn);
+            for (int j = 0; j < nh; j++) {
+                __m512i r[16], o[16];
+                for (int q = 0; q < 16; q++)
+                    r[q] = q < nn ? _mm512_loadu_si512(ct + (size_t)(n0 + q) * 64 + 16 * j) : _mm512_setzero_si512();
+                kt_pn_transpose16(r, o);
+                const int rows = mg - 16 * j < 16 ? mg - 16 * j : 16;
+                for (int i = 0; i < rows; i++)
+                    _mm512_mask_storeu_ps(c + (size_t)(m0 + 16 * j + i) * ldc + n0, mk, _mm512_castsi512_ps(o[i]));
+            }
+        }
+    }
+}
+#undef KT_PX_ROWS
+
+/* ---- the slots ---- */
+
+/* The NT weight operand as rows (kt_bop_*_rows) plus the C^T scratch of kt_px_gemm. */
+static size_t kt_px_bop_bytes(const kt_slots *S, const kt_wmat *w, int trans, int nr, int nc, int m) {
+    size_t rows = (kt_bop_bytes_rows(S, w, trans, nr, nc, m) + 63) & ~(size_t)63;
+    return trans == KT_NT && m >= S->blk.xpack_min_m ? rows + sizeof(float) * (size_t)nr * 64 + 64 : rows;
+}
+
+static void kt_px_bop_prep(const kt_slots *S, const kt_wmat *w, int e, int r0, int nr, int c0, int nc, int trans,
+                           int m, void *scratch, kt_bop *b) {
+    kt_bop_prep_rows(S, w, e, r0, nr, c0, nc, trans, m, scratch, b);
+    if (trans == KT_NT && m >= S->blk.xpack_min_m)
+        b->work = (char *)scratch + ((kt_bop_bytes_rows(S, w, trans, nr, nc, m) + 63) & ~(size_t)63);
+}
+
+static void kt_px_bop_gemm(const kt_slots *S, int M, const void *px, int m0, const kt_bop *b, float *c, size_t ldc) {
+    (void)S;
+    const char *at = (const char *)px + kt_px_bytes(m0, b->K); /* m0 is a multiple of 64 */
+    kt_px_gemm(M, b->N, b->K, at, b->w, b->ld, (float *)b->work, c, ldc);
+}
+
+#undef KT_PN_AI
+
+#endif
