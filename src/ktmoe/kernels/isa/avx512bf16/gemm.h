@@ -53,7 +53,7 @@
 #define KT_NN_MR 6 /* max rows per gemm_nn block (6 x 4 accumulators) */
 #endif
 #ifndef KT_NN_KC
-#define KT_NN_KC 512 /* k rows per chunk when there are several row blocks */
+#define KT_NN_KC 256 /* k rows per chunk when there are several row blocks (their interleaved pairs: 32 KB) */
 #endif
 #ifndef KT_NN_PF_BLOCKS
 #define KT_NN_PF_BLOCKS 4 /* row blocks that prefetch the next chunk */
@@ -298,11 +298,13 @@ KT_AI void kt_nn_store2(__m512 lo, __m512 hi, float *c, int ncols, int accumulat
     }
 }
 
-/* Direct kernel: MR rows x (NH * 32) columns, B pairs interleaved on the fly.
+/* The kernel: MR rows x (NH * 32) columns. PK = 0: B pairs interleaved on the fly from two rows; PK = 1: the
+ * same, and the interleaved vectors are also written to pk (4 per k pair, the odd tail pair included); PK = 2:
+ * the vectors are read from pk instead of B (full 64-column panels only).
  * ap: A row pointers offset by k0; b: B at row k0, column n0; kc values of k; ncols valid columns. */
-KT_AI void kt_nn_direct(const int MR, const int NH, const int FULL, int kc, const bf16_t *const *ap,
+KT_AI void kt_nn_kernel(const int MR, const int NH, const int FULL, const int PK, int kc, const bf16_t *const *ap,
                         const bf16_t *b, size_t ldb, float *c, size_t ldc, int ncols, int accumulate,
-                        const bf16_t *pf, int pfk) {
+                        const bf16_t *pf, int pfk, __m512i *pk) {
     __m512 acc[6][4];
     const bf16_t *ar[6];
     for (int i = 0; i < MR; i++) ar[i] = ap[i];
@@ -311,7 +313,6 @@ KT_AI void kt_nn_direct(const int MR, const int NH, const int FULL, int kc, cons
     const __mmask32 mk0 = kt_mask32(ncols), mk1 = kt_mask32(ncols > 32 ? ncols - 32 : 0);
     int k = 0;
     for (; k + 2 <= kc; k += 2) {
-        const bf16_t *b0 = b + (size_t)k * ldb, *b1 = b0 + ldb;
         if (k + 1 < pfk) { /* rows pf[k], pf[k+1] (128 bytes each, 3 lines when unaligned) */
             const char *p0 = (const char *)(pf + (size_t)k * ldb), *p1 = (const char *)(pf + (size_t)(k + 1) * ldb);
             _mm_prefetch(p0, KT_NN_PF_HINT);
@@ -322,17 +323,24 @@ KT_AI void kt_nn_direct(const int MR, const int NH, const int FULL, int kc, cons
             _mm_prefetch(p1 + 127, KT_NN_PF_HINT);
         }
         __m512i v[4];
-        for (int h = 0; h < NH; h++) {
-            __m512i r0, r1;
-            if (FULL) {
-                r0 = _mm512_loadu_si512((const void *)(b0 + 32 * h));
-                r1 = _mm512_loadu_si512((const void *)(b1 + 32 * h));
-            } else {
-                r0 = _mm512_maskz_loadu_epi16(h ? mk1 : mk0, b0 + 32 * h);
-                r1 = _mm512_maskz_loadu_epi16(h ? mk1 : mk0, b1 + 32 * h);
+        if (PK == 2) {
+            for (int j = 0; j < 4; j++) v[j] = _mm512_load_si512(pk + 2 * k + j);
+        } else {
+            const bf16_t *b0 = b + (size_t)k * ldb, *b1 = b0 + ldb;
+            for (int h = 0; h < NH; h++) {
+                __m512i r0, r1;
+                if (FULL) {
+                    r0 = _mm512_loadu_si512((const void *)(b0 + 32 * h));
+                    r1 = _mm512_loadu_si512((const void *)(b1 + 32 * h));
+                } else {
+                    r0 = _mm512_maskz_loadu_epi16(h ? mk1 : mk0, b0 + 32 * h);
+                    r1 = _mm512_maskz_loadu_epi16(h ? mk1 : mk0, b1 + 32 * h);
+                }
+                v[2 * h] = _mm512_unpacklo_epi16(r0, r1);
+                v[2 * h + 1] = _mm512_unpackhi_epi16(r0, r1);
             }
-            v[2 * h] = _mm512_unpacklo_epi16(r0, r1);
-            v[2 * h + 1] = _mm512_unpackhi_epi16(r0, r1);
+            if (PK == 1)
+                for (int j = 0; j < 4; j++) _mm512_store_si512(pk + 2 * k + j, v[j]);
         }
         for (int i = 0; i < MR; i++) {
             __m512i av = _mm512_set1_epi32((int)kt_ld32(ar[i] + k));
@@ -340,14 +348,20 @@ KT_AI void kt_nn_direct(const int MR, const int NH, const int FULL, int kc, cons
         }
     }
     if (k < kc) { /* odd: pair (B[k][n], 0) */
-        const bf16_t *b0 = b + (size_t)k * ldb;
-        const __m512i z = _mm512_setzero_si512();
         __m512i v[4];
-        for (int h = 0; h < NH; h++) {
-            __m512i r0 = FULL ? _mm512_loadu_si512((const void *)(b0 + 32 * h))
-                              : _mm512_maskz_loadu_epi16(h ? mk1 : mk0, b0 + 32 * h);
-            v[2 * h] = _mm512_unpacklo_epi16(r0, z);
-            v[2 * h + 1] = _mm512_unpackhi_epi16(r0, z);
+        if (PK == 2) {
+            for (int j = 0; j < 4; j++) v[j] = _mm512_load_si512(pk + 2 * k + j);
+        } else {
+            const bf16_t *b0 = b + (size_t)k * ldb;
+            const __m512i z = _mm512_setzero_si512();
+            for (int h = 0; h < NH; h++) {
+                __m512i r0 = FULL ? _mm512_loadu_si512((const void *)(b0 + 32 * h))
+                                  : _mm512_maskz_loadu_epi16(h ? mk1 : mk0, b0 + 32 * h);
+                v[2 * h] = _mm512_unpacklo_epi16(r0, z);
+                v[2 * h + 1] = _mm512_unpackhi_epi16(r0, z);
+            }
+            if (PK == 1)
+                for (int j = 0; j < 4; j++) _mm512_store_si512(pk + 2 * k + j, v[j]);
         }
         for (int i = 0; i < MR; i++) {
             __m512i av = _mm512_set1_epi32((int)(uint32_t)ar[i][k]);
@@ -360,37 +374,50 @@ KT_AI void kt_nn_direct(const int MR, const int NH, const int FULL, int kc, cons
                          FULL ? 32 : ncols - 32 * h, accumulate);
 }
 
+/* pk == NULL: interleave on the fly; otherwise (full panels) mode 1 writes it, mode 2 reads it. */
 static void kt_nn_rows(int mr, int kc, const bf16_t *const *ap, const bf16_t *b, size_t ldb, float *c, size_t ldc,
-                       int ncols, int accumulate, const bf16_t *pf, int pfk) {
-#define KT_NN_CASES(NH, FULL, NC)                                                                            \
+                       int ncols, int accumulate, const bf16_t *pf, int pfk, __m512i *pk, int mode) {
+#define KT_NN_CASE(M_, NH, FULL, PK, NC)                                                                       \
+    case M_: kt_nn_kernel(M_, NH, FULL, PK, kc, ap, b, ldb, c, ldc, NC, accumulate, pf, pfk, pk); break;
+#define KT_NN_CASES(NH, FULL, PK, NC)                                                                        \
     switch (mr) {                                                                                            \
-    case 1: kt_nn_direct(1, NH, FULL, kc, ap, b, ldb, c, ldc, NC, accumulate, pf, pfk); break;               \
-    case 2: kt_nn_direct(2, NH, FULL, kc, ap, b, ldb, c, ldc, NC, accumulate, pf, pfk); break;               \
-    case 3: kt_nn_direct(3, NH, FULL, kc, ap, b, ldb, c, ldc, NC, accumulate, pf, pfk); break;               \
-    case 4: kt_nn_direct(4, NH, FULL, kc, ap, b, ldb, c, ldc, NC, accumulate, pf, pfk); break;               \
-    case 5: kt_nn_direct(5, NH, FULL, kc, ap, b, ldb, c, ldc, NC, accumulate, pf, pfk); break;               \
-    default: kt_nn_direct(6, NH, FULL, kc, ap, b, ldb, c, ldc, NC, accumulate, pf, pfk); break;              \
+        KT_NN_CASE(1, NH, FULL, PK, NC)                                                                      \
+        KT_NN_CASE(2, NH, FULL, PK, NC)                                                                      \
+        KT_NN_CASE(3, NH, FULL, PK, NC)                                                                      \
+        KT_NN_CASE(4, NH, FULL, PK, NC)                                                                      \
+        KT_NN_CASE(5, NH, FULL, PK, NC)                                                                      \
+    default: kt_nn_kernel(6, NH, FULL, PK, kc, ap, b, ldb, c, ldc, NC, accumulate, pf, pfk, pk); break;      \
     }
     if (ncols >= 64) {
-        KT_NN_CASES(2, 1, 64)
+        if (!pk) {
+            KT_NN_CASES(2, 1, 0, 64)
+        } else if (mode == 1) {
+            KT_NN_CASES(2, 1, 1, 64)
+        } else {
+            KT_NN_CASES(2, 1, 2, 64)
+        }
     } else if (ncols > 32) {
-        KT_NN_CASES(2, 0, ncols)
+        KT_NN_CASES(2, 0, 0, ncols)
     } else {
-        KT_NN_CASES(1, 0, ncols)
+        KT_NN_CASES(1, 0, 0, ncols)
     }
 #undef KT_NN_CASES
+#undef KT_NN_CASE
 }
 
 /* Column panels of 64 outer. With one row block (M <= KT_NN_MR) the panel is streamed once over all of K,
- * prefetching KT_NN_PFD rows ahead. With several, K is split in chunks of KT_NN_KC rows: every row block
- * runs over the chunk (partial sums of later chunks are added into C) and prefetches the next chunk, so the
- * memory traffic overlaps the compute; the first row block of the first chunk prefetches KT_NN_PFD rows ahead. */
+ * prefetching KT_NN_PFD rows ahead. With several, K is split in chunks of KT_NN_KC rows: the first row block
+ * interleaves the chunk from B into a contiguous 32 KB buffer as it goes, the others read that buffer (B's
+ * rows are a weight matrix's stride apart: re-reading them from B thrashes the cache sets), add their partial
+ * sums of later chunks into C, and the first few prefetch the next chunk; the first row block of the first
+ * chunk prefetches KT_NN_PFD rows ahead. Column tails interleave on the fly. */
 static void gemm_nn(int M, int N, int K, const bf16_t *const *a, const bf16_t *b, size_t ldb, float *c,
                     size_t ldc) {
     if (M <= 0 || N <= 0) return;
     const bf16_t *ap[KT_NN_MR];
     const int nblk = (M + KT_NN_MR - 1) / KT_NN_MR;
     const int kchunk = nblk == 1 ? (K > 0 ? K : 1) : KT_NN_KC;
+    __m512i pk[KT_NN_KC * 2] __attribute__((aligned(64))); /* KT_NN_KC / 2 pairs x 4 vectors */
     for (int n = 0; n < N; n += 64) {
         const int nc = N - n < 64 ? N - n : 64;
         const bf16_t *bn = b + n;
@@ -415,7 +442,8 @@ static void gemm_nn(int M, int N, int K, const bf16_t *const *a, const bf16_t *b
                     pfk = blk < KT_NN_PF_BLOCKS ? knext : 0;
                     pf = pfk > 0 ? bk + (size_t)kc * ldb : NULL;
                 }
-                kt_nn_rows(mr, kc, ap, bk, ldb, c + (size_t)m * ldc + n, ldc, nc, k0 > 0, pf, pfk);
+                kt_nn_rows(mr, kc, ap, bk, ldb, c + (size_t)m * ldc + n, ldc, nc, k0 > 0, pf, pfk,
+                           nblk > 1 && nc == 64 ? pk : NULL, blk == 0 ? 1 : 2);
                 m += mr;
             }
             k0 += kc;

@@ -33,7 +33,7 @@ const kt_level kt_level_avx512bf16 = {
     /* break-even of the fused path vs decode + gemm_nn, measured on Zen 4: int4 decoding costs more in the
      * block form, so it wins up to more rows */
     .blk = {.fused_max_m = {[KT_W_INT8] = 8, [KT_W_INT4] = 16, [KT_W_INT4_1] = 16},
-            .xpack_min_m = 40},
+            .mc = 256, .xpack_min_m = 40},
     .slots =
         {
             .gemm_nt = gemm_nt,
