@@ -1,7 +1,8 @@
 """Hugging Face checkpoint folder -> ktmoe pre-quantized weight folder (`python -m ktmoe.convert`).
 
-Reads the routed experts of every MoE layer from the checkpoint's safetensors shards (bf16, fp16 or fp32;
-with or without `model.safetensors.index.json`) in either layout:
+Reads the routed experts of every MoE layer from the checkpoint's safetensors shards (bf16, fp16 or fp32, or
+quantized as shipped: DeepSeek-style fp8 with block `weight_scale_inv`, compressed-tensors pack-quantized int4;
+with or without `model.safetensors.index.json`) in either layout (quantized checkpoints: per expert):
 
 - transformers v5, fused:   `<prefix>layers.{i}.mlp.experts.gate_up_proj` [E, 2I, H] (gate rows first) and
                             `<prefix>layers.{i}.mlp.experts.down_proj` [E, H, I]
