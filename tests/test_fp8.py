@@ -250,11 +250,16 @@ def test_fp8_weight_folder_round_trip(tmp_path):
         write_layer(tmp_path, 1, FP8, [packed[0], packed[1], FP8.pack(torch.zeros(E, H, I))])
 
 
-def test_fp8_node_local_copy_needs_block_aligned_slices():
-    fmt = FP8Format()
-    p = fmt.pack(torch.randn(2, 136, 64))
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"b{b[0]}x{b[1]}")
+def test_fp8_node_local_slices_keep_the_values(block):
+    """A TP slice starting inside a scale block (i0 = 48, 68) gets gcd-sized blocks holding the same scales:
+    its dequantized weights are exactly the full matrix's slice."""
+    p = FP8.pack(torch.randn(2, 136, 200, generator=gen(15)), block_size=block)
+    q = FP8.pack(torch.randn(2, 200, 136, generator=gen(16)), block_size=block)
+    full_p, full_q = FP8.dequantize(p), FP8.dequantize(q)
     ident = lambda t: t.contiguous()  # noqa: E731
-    s = fmt.part_slice(p, "gate", 0, 68, ident)
-    assert s.scale.shape == (2, 1, 1) and s.shape == (2, 68, 64)
-    with pytest.raises(ValueError, match="must start on a scale block"):
-        fmt.part_slice(p, "gate", 68, 136, ident)
+    for i0, i1 in ((0, 68), (68, 136), (48, 96), (96, 136)):
+        s = FP8.part_slice(p, "gate", i0, i1, ident)
+        assert torch.equal(FP8.dequantize(s), full_p[:, i0:i1, :])
+        d = FP8.part_slice(q, "down", i0, i1, ident)
+        assert torch.equal(FP8.dequantize(d), full_q[:, :, i0:i1])

@@ -7,6 +7,7 @@ The value of a weight is bf16(float(code) * scale): the fp32 product, then one r
 bf16 (DeepSeek's own dequantization); the kernels decode exactly that (kernels/formats/decode.h)."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -137,16 +138,16 @@ class FP8Format(WeightFormat):
         pass  # views index scales by absolute row and column: any slice start works
 
     def part_slice(self, packed, which, i0, i1, gather):
+        """The slice's own tensors (node-local TP copies). A slice that starts inside a scale block gets
+        smaller blocks, gcd(i0, block) along the sliced axis, each holding its old block's scale: the same
+        values, block boundaries that fall on the slice's own multiples (more scales, never other ones)."""
         E, R, C = packed.shape
         br, bc = packed.block_rows, packed.group
-        step = br if which in ("gate", "up") else bc
-        if i0 % step:
-            raise ValueError(f"{self.name}: a node-local TP copy must start on a scale block: the {which} slice "
-                             f"of moe_intermediate_size starts at {i0}, not a multiple of the block's "
-                             f"{step}; use numa_local=False, or a threadpool_count whose slice is a multiple")
-        b0, b1 = i0 // step, _ceil_div(i1, step)
-        if which in ("gate", "up"):
-            return Packed(gather(packed.data[:, i0:i1, :]), gather(packed.scale[:, b0:b1, :]), None,
-                          (E, i1 - i0, C), bc, br)
-        return Packed(gather(packed.data[:, :, i0:i1]), gather(packed.scale[:, :, b0:b1]), None,
-                      (E, R, i1 - i0), bc, br)
+        rows = which in ("gate", "up")
+        b = br if rows else bc
+        nb = math.gcd(i0, b) if i0 % b else b
+        picks = torch.tensor([(i0 + j * nb) // b for j in range(_ceil_div(i1 - i0, nb))], dtype=torch.long)
+        scale = packed.scale.index_select(1 if rows else 2, picks)  # a new tensor: gather copies it as it is
+        if rows:
+            return Packed(gather(packed.data[:, i0:i1, :]), gather(scale), None, (E, i1 - i0, C), bc, nb)
+        return Packed(gather(packed.data[:, :, i0:i1]), gather(scale), None, (E, R, i1 - i0), nb, br)
