@@ -35,9 +35,10 @@ Q8_SHAPES = [(1, 5, 64), (3, 33, 40), (7, 16, 64), (8, 16, 64), (8, 32, 128), (1
 Q8_QUANT_SIZES = [1, 2, 7, 64, 300]
 
 
-def check(level, slot, fmt, M, N, K, group=0, seed=0):
-    worst, msg = _core.slot_check(level, slot, fmt, M, N, K, group, seed)
-    where = f"slot {slot} ({fmt}) wrong at level {level}, (M, N, K) = ({M}, {N}, {K}), group={group}"
+def check(level, slot, fmt, M, N, K, group=0, seed=0, block_rows=0):
+    worst, msg = _core.slot_check(level, slot, fmt, M, N, K, group, seed, block_rows)
+    where = (f"slot {slot} ({fmt}) wrong at level {level}, (M, N, K) = ({M}, {N}, {K}), group={group}, "
+             f"block_rows={block_rows}")
     assert worst <= 1.0, f"{where}: {msg} (worst error {worst:.3g} x the tolerance)"
     if level == "amx-model":
         n, first = _core.tile_model_violations()
@@ -70,6 +71,36 @@ def test_prepared_operand_slots(level, slot, fmt, group, shape):
     if fmt == "bf16" and group:
         pytest.skip("bf16 has no scale groups")
     check(level, slot, fmt, *shape, group)
+
+
+# The 2-D block formats (fp8): scale blocks of block_rows x group, partial at the bottom and right edges of
+# every matrix these cases build (sizes not multiples of the block); the NN blocks of the backward cross
+# block-row boundaries (K rows from row 1: 130 > 128, 100 > 64). DeepSeek's 128 x 128, a 64-row x 32-column
+# block, and a small odd one.
+BLOCKS_2D = [(128, 128), (64, 32), (3, 16)]  # (block_rows, group)
+FORMATS_2D = sorted(_core.FORMAT_BLOCKS_2D)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("fmt", FORMATS_2D)
+@pytest.mark.parametrize("block", BLOCKS_2D, ids=lambda b: f"b{b[0]}x{b[1]}")
+@pytest.mark.parametrize("rows_cols", [(1, 2), (9, 130), (200, 300)], ids=lambda s: "x".join(map(str, s)))
+def test_decode_slot_2d_blocks(level, fmt, block, rows_cols):
+    check(level, "decode", fmt, rows_cols[0], 1, rows_cols[1], block[1], block_rows=block[0])
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("slot", ["bop_nt", "bop_nn", "bop_px"])
+@pytest.mark.parametrize("fmt", FORMATS_2D)
+@pytest.mark.parametrize("block", BLOCKS_2D, ids=lambda b: f"b{b[0]}x{b[1]}")
+@pytest.mark.parametrize("shape", BOP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_prepared_operand_slots_2d_blocks(level, slot, fmt, block, shape):
+    check(level, slot, fmt, *shape, block[1], block_rows=block[0])
+
+
+def test_block_rows_refused_for_per_row_formats():
+    with pytest.raises(ValueError, match="block_rows=4 for int8"):
+        _core.slot_check("portable", "decode", "int8", 4, 1, 8, 8, 0, 4)
 
 
 @pytest.mark.parametrize("level", LEVELS)

@@ -25,6 +25,12 @@ REL_L2_VS_ORIGINAL = {
     8: 4e-2,    # int8 per-row/group symmetric
     4: 3e-1,    # int4: ~10-15% weight error per projection, compounding over gate/up/down
 }
+# Formats whose quantization error differs from that of their bit width's integer format, by format name.
+# fp8 (e4m3, 3 mantissa bits, one scale per 128 x 128 block): ~2.6% weight error (int8 per row: ~0.7%);
+# measured 3.6e-2 .. 5.7e-2 on the output and grad_input over test_numerics' shapes and levels.
+REL_L2_VS_ORIGINAL_BY_FORMAT = {
+    "fp8": 8e-2,
+}
 
 # Same computation through two code paths that should give the same bits or nearly: contiguous vs
 # non-contiguous inputs, one chunk vs several (chunked_prefill_size), forward A + B then backward B vs
@@ -60,8 +66,8 @@ def rel_l2_tol(bits: int) -> float:
     return REL_L2[bits]
 
 
-def rel_l2_vs_original_tol(bits: int) -> float:
-    return REL_L2_VS_ORIGINAL[bits]
+def rel_l2_vs_original_tol(bits: int, format_name: str = "") -> float:
+    return REL_L2_VS_ORIGINAL_BY_FORMAT.get(format_name, REL_L2_VS_ORIGINAL[bits])
 
 # Hugging Face paths (tests/test_hf_*.py): a converted model (AMXBF16 experts: bf16 activations, fp32
 # accumulation) against plain transformers + PEFT in fp32 on the same weights and LoRA values. rel-L2 of the

@@ -36,8 +36,10 @@ cdef extern from "ktmoe.h" nogil:
     int kt_format_bits(int fmt)
     int kt_format_has_scale(int fmt)
     int kt_format_has_zero(int fmt)
+    int kt_format_blocks_2d(int fmt)
     const char *kt_slot_name(int slot)
-    double kt_slot_check(int level, int slot, int fmt, int M, int N, int K, int group, unsigned seed, char *err)
+    double kt_slot_check(int level, int slot, int fmt, int M, int N, int K, int group, int block_rows, unsigned seed,
+                         char *err)
     long kt_tile_model_violations(char *msg, size_t len)
     int kt_q8_quantize_rows(int M, int K, const void *a, signed char *q, float *sa, char *err)
 
@@ -95,6 +97,8 @@ MAX_PARTS = KT_MAX_PARTS
 ISA_LEVELS = tuple(kt_isa_name(i).decode() for i in range(KT_ISA_COUNT))  # every level the registry knows
 WEIGHT_FORMATS = {kt_format_name(i).decode(): i for i in range(KT_W_COUNT)}  # format name -> descriptor code
 FORMAT_BITS = {kt_format_name(i).decode(): kt_format_bits(i) for i in range(KT_W_COUNT)}
+# formats whose scales cover 2-D blocks (block_rows x group) with partial edge blocks
+FORMAT_BLOCKS_2D = frozenset(kt_format_name(i).decode() for i in range(KT_W_COUNT) if kt_format_blocks_2d(i) == 1)
 SLOTS = tuple(kt_slot_name(i).decode() for i in range(KT_SLOT_COUNT))
 ACT_QUANT = {None: KT_AQ_NONE, "int8": KT_AQ_INT8}  # activation_quant -> kt_layer.act_quant (enum kt_act_quant)
 
@@ -150,9 +154,10 @@ def amx_status():
     return bool(detected), bool(permitted)
 
 
-def slot_check(str level, str slot, str fmt, int M, int N, int K, int group=0, unsigned seed=0):
+def slot_check(str level, str slot, str fmt, int M, int N, int K, int group=0, unsigned seed=0, int block_rows=0):
     """Level `level`'s slot against the reference slot, operands on guard pages: the worst error relative
-    to the slot's tolerance (<= 1 passes) and the first problem found ("" when none)."""
+    to the slot's tolerance (<= 1 passes) and the first problem found ("" when none). block_rows: rows per
+    scale block of the 2-D block formats (FORMAT_BLOCKS_2D; 0: one block row per row)."""
     cdef char err[512]
     cdef int lv = _level_id(level)
     if slot not in SLOTS:
@@ -163,7 +168,7 @@ def slot_check(str level, str slot, str fmt, int M, int N, int K, int group=0, u
     cdef double r
     err[0] = 0
     with nogil:
-        r = kt_slot_check(lv, sl, fm, M, N, K, group, seed, err)
+        r = kt_slot_check(lv, sl, fm, M, N, K, group, block_rows, seed, err)
     if r < 0 and (r == KT_EINVAL or r == KT_ENOMEM):
         _raise(<int>r, err)
     return r, err.decode("utf-8", "replace")

@@ -40,6 +40,7 @@ register("AMXINT4", "int4")
 register("AMXINT4_1", "int4_1")
 register("AMXINT4_KGroup", "int4_kgroup")
 register("AMXINT4_1KGroup", "int4_1_kgroup")
+register("AMXFP8", "fp8")
 
 SFT_METHODS: FrozenSet[str] = frozenset(n for n, m in REGISTRY.items() if m.mode == "sft")
 INFERENCE_METHODS: FrozenSet[str] = frozenset(n for n, m in REGISTRY.items() if m.mode == "inference")

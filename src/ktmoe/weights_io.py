@@ -94,24 +94,40 @@ def expected_group_size(weight_format: WeightFormat, group_size: int) -> Optiona
     return int(group_size) if weight_format.per_group else None
 
 
-def expected_tensors(weight_format: WeightFormat, E: int, H: int, I: int,
-                     group_size: int) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
+def expected_tensors(weight_format: WeightFormat, E: int, H: int, I: int, group_size: int,
+                     block_size: Optional[Sequence[int]] = None) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
     """{key: (dtype, shape)} of the tensors a layer file holds for this format and these sizes.
 
-    Derived by packing one zero row per projection, so a new format needs nothing here as long as it
-    quantizes row by row ([E, R, ...] with R the output rows), which every format in ktmoe.formats does."""
+    From the format's tensor_spec (for row-by-row formats: packing one zero row per projection, so a new
+    format needs nothing here). block_size: (rows, cols) per scale of the 2-D block formats (fp8; default
+    the format's own)."""
     out: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]] = {}
     for which, (_, R, C) in zip(PROJECTIONS, expert_shapes(E, H, I)):
-        probe = weight_format.pack(torch.zeros(1, 1, C), group_size)  # raises for an unusable group size
-        for part in PARTS:
-            t = getattr(probe, part)
-            if t is not None:
-                out[f"{which}.{part}"] = (t.dtype, (E, R) + tuple(t.shape[2:]))
+        group, block_rows = _blocks_of(weight_format, C, group_size, block_size)
+        for part, spec in weight_format.tensor_spec(E, R, C, group, block_rows).items():
+            out[f"{which}.{part}"] = spec
     return out
 
 
-def _group_of(weight_format: WeightFormat, C: int, group_size: int) -> int:
-    return weight_format.group_for(C, group_size)
+def _blocks_of(weight_format: WeightFormat, C: int, group_size: int,
+               block_size: Optional[Sequence[int]] = None) -> Tuple[int, int]:
+    """(group, block_rows) of a projection with C input columns."""
+    if weight_format.blocks_2d:
+        br, bc = weight_format.block_size if block_size is None else block_size
+        return int(bc), int(br)
+    return weight_format.group_for(C, group_size), 1
+
+
+def _manifest_block_size(path: str, m: Dict[str, Any], weight_format: WeightFormat) -> Optional[List[int]]:
+    """The manifest's block_size ([rows, cols] per scale) of a 2-D block format; None for the others."""
+    if not weight_format.blocks_2d:
+        return None
+    b = m.get("block_size")
+    if not (isinstance(b, list) and len(b) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                         for v in b)):
+        raise WeightFileError(f"{path}: manifest key 'block_size' must be [rows, cols] of positive ints for "
+                              f"format {weight_format.name!r}, got {b!r}")
+    return b
 
 
 def _atomic_write_json(path: str, obj: Any) -> None:
@@ -221,12 +237,15 @@ def write_layer(folder: str, layer_idx: int, weight_format: WeightFormat, packed
         gs = gate.group if group_size is None else int(group_size)
     else:
         gs = 128 if group_size is None else int(group_size)  # unused by per-row formats
-    spec = expected_tensors(weight_format, E, H, I, gs)
+    block = [gate.block_rows, gate.group] if weight_format.blocks_2d else None  # recorded in the manifest
+    spec = expected_tensors(weight_format, E, H, I, gs, block)
     tensors: Dict[str, torch.Tensor] = {}
     for which, p, (_, _, C) in zip(PROJECTIONS, packed, want_shapes):
-        if p.group != _group_of(weight_format, C, gs):
-            raise ValueError(f"{which}: packed group {p.group} differs from {weight_format.name}'s group for "
-                             f"group_size={gs} ({_group_of(weight_format, C, gs)})")
+        want_blocks = _blocks_of(weight_format, C, gs, block)
+        if (p.group, p.block_rows) != want_blocks:
+            raise ValueError(f"{which}: packed scale blocks of {p.block_rows} x {p.group} differ from "
+                             f"{weight_format.name}'s {want_blocks[1]} x {want_blocks[0]} (group_size={gs}"
+                             f"{'' if block is None else ', the block of gate'})")
         for part in PARTS:
             t = getattr(p, part)
             key = f"{which}.{part}"
@@ -247,6 +266,8 @@ def write_layer(folder: str, layer_idx: int, weight_format: WeightFormat, packed
                   format_version=format_version(weight_format),
                   group_size=expected_group_size(weight_format, gs), num_experts=E, hidden_size=H,
                   moe_intermediate_size=I)
+    if block is not None:
+        header["block_size"] = block
     if os.path.exists(manifest_path):
         m = read_manifest(folder)
         for key, v in header.items():
@@ -325,7 +346,8 @@ def _check_file(path: str, f, entry: Dict[str, Any], spec: Dict[str, Tuple[torch
 
 
 def _read_tensor(path: str, f, key: str, dtype: torch.dtype, shape: Tuple[int, ...],
-                 order: Optional[torch.Tensor], mmap: bool = False, check_finite: bool = True) -> torch.Tensor:
+                 order: Optional[torch.Tensor], mmap: bool = False, check_finite: bool = True,
+                 weight_format: Optional[WeightFormat] = None) -> torch.Tensor:
     try:
         if order is None:
             t = f.get_tensor(key)  # a view of safetensors' (copy-on-write) mapping of the file
@@ -349,6 +371,11 @@ def _read_tensor(path: str, f, key: str, dtype: torch.dtype, shape: Tuple[int, .
         if idx is not None:
             raise WeightFileError(f"{path}: tensor key {key!r} holds a non-finite value at expert {idx[0]}, row "
                                   f"{idx[1] if len(idx) > 1 else '?'} (corrupt file or a NaN checkpoint?)")
+    if check_finite and weight_format is not None and key.endswith(".data"):
+        try:
+            weight_format.check_codes(key, t)
+        except ValueError as e:
+            raise WeightFileError(f"{path}: tensor key {e} (corrupt file or a NaN checkpoint?)") from e
     return t.contiguous()
 
 
@@ -386,9 +413,12 @@ def read_layer(folder: str, layer_idx: int, weight_format: WeightFormat, E: int,
         order = torch.as_tensor(order).to("cpu", torch.int64)
         if order.shape != (E,) or (E and (int(order.min()) < 0 or int(order.max()) >= E)):
             raise ValueError(f"order must be an int64 tensor of shape ({E},) with values in [0, {E})")
-    spec = expected_tensors(weight_format, E, H, I, group_size)
+    block = _manifest_block_size(manifest_path, m, weight_format)
+    spec = expected_tensors(weight_format, E, H, I, group_size, block)
     header = {k: m.get(k) for k in ("layout_version", "format", "format_version", "group_size", "num_experts",
                                     "hidden_size", "moe_intermediate_size")}
+    if block is not None:
+        header["block_size"] = block
     out: List[Packed] = []
     before = stat_key(path)
     with _open(path) as f:
@@ -397,10 +427,10 @@ def read_layer(folder: str, layer_idx: int, weight_format: WeightFormat, E: int,
             parts = {}
             for part in PARTS:
                 key = f"{which}.{part}"
-                parts[part] = (_read_tensor(path, f, key, *spec[key], order, mmap, check_finite)
+                parts[part] = (_read_tensor(path, f, key, *spec[key], order, mmap, check_finite, weight_format)
                                if key in spec else None)
-            out.append(Packed(parts["data"], parts["scale"], parts["zero"], shape,
-                              _group_of(weight_format, shape[2], group_size)))
+            group, block_rows = _blocks_of(weight_format, shape[2], group_size, block)
+            out.append(Packed(parts["data"], parts["scale"], parts["zero"], shape, group, block_rows))
     if stat_key(path) != before:
         raise WeightFileError(f"{path}: the file changed while it was read (size, mtime or inode); read it again")
     return out[0], out[1], out[2]
@@ -421,9 +451,12 @@ def verify_folder(folder: str, weight_format: Optional[WeightFormat] = None, *, 
     _check_manifest_matches(manifest_path, m, weight_format, m["num_experts"], m["hidden_size"],
                             m["moe_intermediate_size"], gs)
     E, H, I = m["num_experts"], m["hidden_size"], m["moe_intermediate_size"]
-    spec = expected_tensors(weight_format, E, H, I, gs)
+    block = _manifest_block_size(manifest_path, m, weight_format)
+    spec = expected_tensors(weight_format, E, H, I, gs, block)
     header = {k: m.get(k) for k in ("layout_version", "format", "format_version", "group_size", "num_experts",
                                     "hidden_size", "moe_intermediate_size")}
+    if block is not None:
+        header["block_size"] = block
     todo = sorted(int(k) for k in m["layers"]) if layers is None else list(layers)
     for idx in todo:
         entry = _layer_entry(manifest_path, m, idx)

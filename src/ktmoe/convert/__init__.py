@@ -1,7 +1,8 @@
 """Hugging Face checkpoint folder -> ktmoe pre-quantized weight folder (`python -m ktmoe.convert`).
 
-Reads the routed experts of every MoE layer from the checkpoint's safetensors shards (bf16, fp16 or fp32;
-with or without `model.safetensors.index.json`) in either layout:
+Reads the routed experts of every MoE layer from the checkpoint's safetensors shards (bf16, fp16 or fp32, or
+quantized as shipped: DeepSeek-style fp8 with block `weight_scale_inv`, compressed-tensors pack-quantized int4;
+with or without `model.safetensors.index.json`) in either layout (quantized checkpoints: per expert):
 
 - transformers v5, fused:   `<prefix>layers.{i}.mlp.experts.gate_up_proj` [E, 2I, H] (gate rows first) and
                             `<prefix>layers.{i}.mlp.experts.down_proj` [E, H, I]
@@ -44,7 +45,15 @@ _SANITY_REL_L2 = {16: 1e-2, 8: 5e-2, 4: 0.3}
 _FUSED_RE = re.compile(r"^(?P<prefix>(?:.*\.)?)layers\.(?P<layer>\d+)\.(?P<mod>mlp|block_sparse_moe)\.experts\."
                        r"(?P<name>gate_up_proj|down_proj)(?P<suffix>\.weight|_bias|\.bias)?$")
 _EXPERT_RE = re.compile(r"^(?P<prefix>(?:.*\.)?)layers\.(?P<layer>\d+)\.(?P<mod>mlp|block_sparse_moe)\.experts\."
-                        r"(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.(?P<kind>weight|bias)$")
+                        r"(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\."
+                        r"(?P<kind>weight|bias|weight_scale_inv|weight_packed|weight_scale|weight_shape|"
+                        r"weight_zero_point|weight_g_idx|input_scale)$")
+# the tensors of one quantized linear, by quantization (quantization_config.quant_method), main tensor first
+_QUANT_KINDS = {"": ("weight",), "fp8": ("weight", "weight_scale_inv"),
+                "int4_pack": ("weight_packed", "weight_scale", "weight_shape")}
+_QUANT_DTYPES = {"fp8": {"weight": ("F8_E4M3",), "weight_scale_inv": ("F32", "BF16", "F16")},
+                 "int4_pack": {"weight_packed": ("I32",), "weight_scale": ("BF16", "F16", "F32"),
+                               "weight_shape": ("I64", "I32")}}
 _PROJ_ALIASES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
 
 
@@ -177,11 +186,98 @@ class LayerSource:
     gate_up_key: str = ""               # fused
     down_key: str = ""                  # fused
     expert_keys: Dict[str, List[str]] = field(default_factory=dict)  # per_expert: gate/up/down -> E keys
+    quant: str = ""                     # "" (float), "fp8" (e4m3 + block scale_inv), "int4_pack" (compressed-tensors)
+    # per_expert, quantized: tensor kind (weight_scale_inv, ...) -> gate/up/down -> E keys
+    aux_keys: Dict[str, Dict[str, List[str]]] = field(default_factory=dict)
+    block: Tuple[int, int] = (128, 128)  # fp8: rows x cols per scale (weight_block_size)
+    group: int = 0                       # int4_pack: columns per scale (config_groups.*.weights.group_size)
 
     def keys(self) -> List[str]:
         if self.layout == "fused":
             return [self.gate_up_key, self.down_key]
-        return [k for which in ("gate", "up", "down") for k in self.expert_keys[which]]
+        return [k for which in ("gate", "up", "down") for k in self.expert_keys[which]] + \
+            [k for d in self.aux_keys.values() for which in ("gate", "up", "down") for k in d[which]]
+
+    def shipped_format(self) -> Optional[WeightFormat]:
+        """The ktmoe format the checkpoint's codes are adopted into (None for float checkpoints)."""
+        from ..formats import FORMATS
+
+        return {"": None, "fp8": FORMATS["fp8"], "int4_pack": FORMATS["int4_kgroup"]}[self.quant]
+
+    def load_shipped(self, ckpt: Checkpoint, which: str, experts: Optional[Sequence[int]] = None) -> Packed:
+        """One projection of a quantized checkpoint as it ships, adopted bit for bit (shipped_format()):
+        all experts or the given ones. ConvertError naming the file and key for bad scales or codes."""
+        from ..formats import compressed_tensors
+
+        idx = list(range(self.E) if experts is None else experts)
+        main = self.expert_keys[which]
+        shape = (self.I, self.H) if which != "down" else (self.H, self.I)
+        first = ckpt.get_tensor(main[idx[0]])
+        codes = torch.empty((len(idx),) + tuple(first.shape), dtype=first.dtype)
+        for j, e in enumerate(idx):
+            codes[j].copy_(first if j == 0 else ckpt.get_tensor(main[e]))
+        del first
+        aux = {kind: [ckpt.get_tensor(self.aux_keys[kind][which][e]) for e in idx] for kind in self.aux_keys}
+        key = main[idx[0]]
+        try:
+            if self.quant == "fp8":
+                return self.shipped_format().adopt(codes, torch.stack(aux["weight_scale_inv"]), self.block,
+                                                   name="weight")
+            return compressed_tensors.adopt_pack_quantized(codes, torch.stack(aux["weight_scale"]), shape,
+                                                           name="weight")
+        except ValueError as e:
+            raise ConvertError(f"{ckpt.where(key)}: tensor key {key!r} (experts {idx[0]}..{idx[-1]} of "
+                               f"{which}_proj): {e}; nothing was written for layer {self.layer}") from e
+
+    def check_scales(self, ckpt: Checkpoint) -> None:
+        """Reads every expert's scales (and weight_shape) of a quantized layer, small tensors, and checks
+        their shapes and values: ConvertError naming the file and key. Done for every layer before anything
+        is written."""
+        if not self.quant:
+            return
+        for which in ("gate", "up", "down"):
+            R, C = (self.I, self.H) if which != "down" else (self.H, self.I)
+            if self.quant == "fp8":
+                br, bc = self.block
+                kind, want = "weight_scale_inv", (-(-R // br), -(-C // bc))
+            else:
+                kind, want = "weight_scale", None
+            for e, key in enumerate(self.aux_keys[kind][which]):
+                t = ckpt.get_tensor(key)
+                if want is None:  # int4 groups: one scale per group of a row (the config's group_size)
+                    ok = tuple(t.shape) == (R, C // self.group) and C % self.group == 0
+                    what = f"[{R}, {C // self.group}] (group_size {self.group} of [{R}, {C}])"
+                else:
+                    ok, what = tuple(t.shape) == want, f"{list(want)} ({br} x {bc} blocks of [{R}, {C}])"
+                if not ok:
+                    raise ConvertError(f"{ckpt.where(key)}: tensor key {key!r} has shape {list(t.shape)}, expected "
+                                       f"{what}")
+                if not bool(torch.isfinite(t).all()):
+                    raise ConvertError(f"{ckpt.where(key)}: tensor key {key!r} holds non-finite scales")
+            if self.quant == "int4_pack":
+                for key in self.aux_keys["weight_shape"][which]:
+                    got = [int(v) for v in ckpt.get_tensor(key).tolist()]
+                    if got != [R, C]:
+                        raise ConvertError(f"{ckpt.where(key)}: tensor key {key!r} is {got}, expected [{R}, {C}] "
+                                           f"(the layer's {which} projection)")
+
+    def load_float(self, ckpt: Checkpoint, which: str, experts: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """One projection as float weights [E', R, C]: the checkpoint's own values, dequantized (as the
+        checkpoint defines it) for quantized ones."""
+        if not self.quant:
+            return self.load(ckpt, which, experts)
+        return self.shipped_format().dequantize(self.load_shipped(ckpt, which, experts))
+
+    def pack_for(self, ckpt: Checkpoint, which: str, fmt: WeightFormat, group_size: int,
+                 experts: Optional[Sequence[int]] = None) -> Packed:
+        """One projection in `fmt`: the shipped codes as they are when fmt is the shipped format, else packed
+        from the (dequantized) values."""
+        shipped = self.shipped_format()
+        if shipped is not None and shipped.name == fmt.name:
+            return self.load_shipped(ckpt, which, experts)
+        w = self.load_float(ckpt, which, experts)
+        _check_finite(w, self, which)  # every expert: a quantizer would turn a NaN row into zeros
+        return fmt.pack(w, group_size)
 
     def load(self, ckpt: Checkpoint, which: str, experts: Optional[Sequence[int]] = None) -> torch.Tensor:
         """One projection as [E', R, C] (out x in) in the checkpoint's dtype: all experts, or the given ones."""
@@ -224,11 +320,54 @@ def _config_value(config: Dict, *names):
     return None, None
 
 
+def quantization(ckpt: Checkpoint) -> Tuple[str, Dict]:
+    """The checkpoint's quantization from config.json's quantization_config: ("", {}) for none; ("fp8",
+    {"block": (rows, cols)}) for DeepSeek-style block fp8; ("int4_pack", {"group": g}) for compressed-tensors
+    pack-quantized symmetric int4 groups. ConvertError naming config.json and the key otherwise."""
+    cfg_path = os.path.join(ckpt.folder, "config.json")
+    qc = ckpt.config.get("quantization_config", _text_config(ckpt.config).get("quantization_config"))
+    if qc is None:
+        return "", {}
+    if not isinstance(qc, dict):
+        raise ConvertError(f"{cfg_path}: key 'quantization_config' is not an object: {qc!r}")
+    method = qc.get("quant_method")
+    if method == "fp8":
+        fmt = qc.get("fmt", "e4m3")
+        if fmt != "e4m3":
+            raise ConvertError(f"{cfg_path}: key 'quantization_config.fmt' is {fmt!r}; ktmoe reads e4m3 fp8")
+        from ..formats.fp8 import check_block_size
+
+        try:
+            block = check_block_size(qc.get("weight_block_size"), "quantization_config.weight_block_size")
+        except ValueError as e:
+            raise ConvertError(f"{cfg_path}: key {e} (per-tensor fp8 scales are not read)") from e
+        return "fp8", {"block": block}
+    if method == "compressed-tensors":
+        fmt = qc.get("format")
+        groups = qc.get("config_groups") if isinstance(qc.get("config_groups"), dict) else {}
+        for name, grp in groups.items():
+            wa = grp.get("weights") if isinstance(grp, dict) else None
+            gfmt = grp.get("format", fmt) if isinstance(grp, dict) else fmt
+            want = dict(num_bits=4, type="int", symmetric=True, strategy="group")
+            got = {k: (wa or {}).get(k) for k in want}
+            if gfmt != "pack-quantized" or got != want or not isinstance((wa or {}).get("group_size"), int):
+                raise ConvertError(f"{cfg_path}: key 'quantization_config.config_groups.{name}' is format {gfmt!r} "
+                                   f"with weights {got} group_size {(wa or {}).get('group_size')!r}; ktmoe adopts "
+                                   "pack-quantized symmetric int4 groups (num_bits 4, type int, strategy group)")
+            return "int4_pack", {"group": wa["group_size"]}
+        raise ConvertError(f"{cfg_path}: key 'quantization_config.config_groups' is missing or empty")
+    raise ConvertError(f"{cfg_path}: key 'quantization_config.quant_method' is {method!r}; the converter reads "
+                       "unquantized checkpoints, 'fp8' (block-scaled e4m3) and 'compressed-tensors' "
+                       "(pack-quantized int4)")
+
+
 def find_moe_layers(ckpt: Checkpoint, prefix: Optional[str] = None) -> Dict[int, LayerSource]:
     """{layer index: LayerSource} for every MoE layer of the checkpoint (both layouts), checked: complete
-    expert sets, consistent shapes and dtypes the converter reads, the config's sizes where it gives them."""
+    expert sets, consistent shapes and dtypes the converter reads, the config's sizes where it gives them;
+    for quantized checkpoints (quantization_config) every expert's scales present, with their dtypes."""
+    quant, qinfo = quantization(ckpt)
     fused: Dict[Tuple[str, int], Dict[str, str]] = {}
-    per: Dict[Tuple[str, int], Dict[str, Dict[int, str]]] = {}
+    per: Dict[Tuple[str, int], Dict[str, Dict[int, Dict[str, str]]]] = {}
     for key in ckpt.keys():
         m = _FUSED_RE.match(key)
         if m:
@@ -246,8 +385,12 @@ def find_moe_layers(ckpt: Checkpoint, prefix: Optional[str] = None) -> Dict[int,
             if m["kind"] == "bias":
                 raise ConvertError(f"{ckpt.where(key)}: tensor key {key!r}: expert biases are not supported by "
                                    "ktmoe")
+            if m["kind"] not in _QUANT_KINDS[quant]:
+                raise ConvertError(f"{ckpt.where(key)}: tensor key {key!r}: a {m['kind']} tensor is not part of "
+                                   f"the {'unquantized' if not quant else quant} checkpoint layout ktmoe reads "
+                                   f"({', '.join(_QUANT_KINDS[quant])})")
             d = per.setdefault((m["prefix"], int(m["layer"])), {})
-            d.setdefault(_PROJ_ALIASES[m["proj"]], {})[int(m["e"])] = key
+            d.setdefault(_PROJ_ALIASES[m["proj"]], {}).setdefault(int(m["e"]), {})[m["kind"]] = key
     found: Dict[int, LayerSource] = {}
     seen_prefix: Dict[int, str] = {}
     for (pre, layer) in sorted(set(fused) | set(per), key=lambda t: (t[1], t[0])):
@@ -259,14 +402,25 @@ def find_moe_layers(ckpt: Checkpoint, prefix: Optional[str] = None) -> Dict[int,
             raise ConvertError(f"{ckpt.folder}: layer {layer} has both fused and per-expert keys "
                                f"(e.g. {next(iter(fused[(pre, layer)].values()))!r}); which one is meant?")
         if (pre, layer) in fused:
+            if quant:
+                raise ConvertError(f"{ckpt.where(next(iter(fused[(pre, layer)].values())))}: layer {layer}: fused "
+                                   f"expert keys in a {quant} checkpoint; ktmoe reads quantized experts per expert")
             src = _fused_layer(ckpt, layer, fused[(pre, layer)])
         else:
-            src = _per_expert_layer(ckpt, layer, per[(pre, layer)])
+            src = _per_expert_layer(ckpt, layer, per[(pre, layer)], quant)
+            src.block = qinfo.get("block", src.block)
+            src.group = qinfo.get("group", 0)
         for key in src.keys():
+            if quant:
+                kind = key.rsplit(".", 1)[1]
+                if ckpt.dtype(key) not in _QUANT_DTYPES[quant][kind]:
+                    raise ConvertError(f"{ckpt.where(key)}: tensor key {key!r} has dtype {ckpt.dtype(key)}; a {quant} "
+                                       f"checkpoint's {kind} is {' or '.join(_QUANT_DTYPES[quant][kind])}")
+                continue
             if ckpt.dtype(key) not in _SOURCE_DTYPES:
                 raise ConvertError(f"{ckpt.where(key)}: tensor key {key!r} has dtype {ckpt.dtype(key)}; the "
-                                   f"converter reads {sorted(_SOURCE_DTYPES)} (dequantize FP8/other checkpoints "
-                                   "to bf16 first)")
+                                   f"converter reads {sorted(_SOURCE_DTYPES)}, and fp8 / compressed-tensors int4 "
+                                   "checkpoints whose config.json has their quantization_config")
         _check_config(ckpt, src)
         found[layer] = src
     return found
@@ -292,7 +446,19 @@ def _fused_layer(ckpt: Checkpoint, layer: int, keys: Dict[str, str]) -> LayerSou
                        "[E, 2I, H] and [E, H, I] (gate rows first)")
 
 
-def _per_expert_layer(ckpt: Checkpoint, layer: int, d: Dict[str, Dict[int, str]]) -> LayerSource:
+def _per_expert_layer(ckpt: Checkpoint, layer: int, kinds: Dict[str, Dict[int, Dict[str, str]]],
+                      quant: str = "") -> LayerSource:
+    main, *aux_kinds = _QUANT_KINDS[quant]
+    aux: Dict[str, Dict[str, List[str]]] = {kind: {} for kind in aux_kinds}
+    for which, per_e in kinds.items():  # every expert has every tensor of its quantized linear
+        for e, ks in per_e.items():
+            for kind in (main, *aux_kinds):
+                if kind not in ks:
+                    have = next(iter(ks.values()))
+                    raise ConvertError(f"{ckpt.where(have)}: layer {layer}: expert {e}'s {which} projection has "
+                                       f"{sorted(ks)} but no {kind} (tensor key "
+                                       f"{have.rsplit('.', 1)[0]}.{kind} missing)")
+    d = {which: {e: ks[main] for e, ks in per_e.items()} for which, per_e in kinds.items()}
     any_key = next(iter(next(iter(d.values())).values()))
     experts = sorted(set().union(*(set(v) for v in d.values())))
     E = len(experts)
@@ -308,17 +474,25 @@ def _per_expert_layer(ckpt: Checkpoint, layer: int, d: Dict[str, Dict[int, str]]
             raise ConvertError(f"{ckpt.where(any_key)}: layer {layer}: no {which} projection for expert "
                                f"{missing[0]} (tensor key {example}.{which}_proj.weight / w1|w3|w2 missing)")
         keys[which] = [have[e] for e in range(E)]
-    I, H = ckpt.shape(keys["gate"][0]) if len(ckpt.shape(keys["gate"][0])) == 2 else (None, None)
-    if I is None:
-        raise ConvertError(f"{ckpt.where(keys['gate'][0])}: tensor key {keys['gate'][0]!r} has shape "
-                           f"{ckpt.shape(keys['gate'][0])}, expected [I, H]")
-    want = {"gate": (I, H), "up": (I, H), "down": (H, I)}
+    for kind in aux_kinds:
+        for which in ("gate", "up", "down"):
+            aux[kind][which] = [kinds[which][e][kind] for e in range(E)]
+    if quant == "int4_pack":  # the logical shape is in weight_shape: read the small tensors now
+        I, H = (int(v) for v in ckpt.get_tensor(aux["weight_shape"]["gate"][0]).tolist())
+        words = lambda c: -(-c // 8)  # noqa: E731
+        want = {"gate": (I, words(H)), "up": (I, words(H)), "down": (H, words(I))}
+    else:
+        I, H = ckpt.shape(keys["gate"][0]) if len(ckpt.shape(keys["gate"][0])) == 2 else (None, None)
+        if I is None:
+            raise ConvertError(f"{ckpt.where(keys['gate'][0])}: tensor key {keys['gate'][0]!r} has shape "
+                               f"{ckpt.shape(keys['gate'][0])}, expected [I, H]")
+        want = {"gate": (I, H), "up": (I, H), "down": (H, I)}
     for which in ("gate", "up", "down"):
         for k in keys[which]:
             if ckpt.shape(k) != want[which]:
                 raise ConvertError(f"{ckpt.where(k)}: tensor key {k!r} has shape {list(ckpt.shape(k))}, expected "
                                    f"{list(want[which])} (from {keys['gate'][0]})")
-    return LayerSource(layer, "per_expert", E, H, I, expert_keys=keys)
+    return LayerSource(layer, "per_expert", E, H, I, expert_keys=keys, quant=quant, aux_keys=aux)
 
 
 def _check_config(ckpt: Checkpoint, src: LayerSource) -> None:
@@ -406,16 +580,20 @@ def _sample_check(ckpt: Checkpoint, src: LayerSource, folder: str, fmt: WeightFo
     worst = 0.0
     with safe_open(path, framework="pt", device="cpu") as f:
         for which in ("gate", "up", "down"):
-            w = src.load(ckpt, which, [e]).float()
+            w = src.load_float(ckpt, which, [e]).float()  # the checkpoint's values (dequantized as it defines)
             _, R, C = w.shape
+            want_p = src.pack_for(ckpt, which, fmt, group_size, [e])
             parts = {}
             for part in weights_io.PARTS:
                 key = f"{which}.{part}"
                 parts[part] = f.get_slice(key)[e:e + 1] if key in f.keys() else None
-            stored = Packed(parts["data"], parts["scale"], parts["zero"], (1, R, C), fmt.group_for(C, group_size))
+            stored = Packed(parts["data"], parts["scale"], parts["zero"], (1, R, C), want_p.group, want_p.block_rows)
             got = fmt.dequantize(stored)
-            want = fmt.dequantize(fmt.pack(w, group_size))
-            if not torch.equal(got, want):
+            want = fmt.dequantize(want_p)
+            same = all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+                       for a, b in ((stored.data, want_p.data), (stored.scale, want_p.scale),
+                                    (stored.zero, want_p.zero)))
+            if not same or not torch.equal(got, want):
                 raise ConvertError(f"{path}: check failed: expert {e}'s {which} weights read back "
                                    f"(keys {which}.*) differ from packing the checkpoint's expert {e}")
             n = float(w.double().norm())
@@ -453,6 +631,9 @@ def convert_checkpoint(input_dir: str, output_dir: str, method: str, group_size:
         raise ConvertError(f"{ckpt.folder}: the MoE layers have different (E, H, I) {sorted(dims)}; convert them "
                            "into separate folders with --layers")
     E, H, I = dims.pop()
+    shipped = found[todo[0]].shipped_format()
+    if shipped is not None and shipped.name == fmt.name and fmt.per_group:
+        group_size = found[todo[0]].group  # adopted as shipped: the checkpoint's group (compressed-tensors: 32)
     for C in (H, I):
         fmt.group_for(C, group_size)  # a clear error before any work (K-group needs group | H and I)
     if os.path.isfile(os.path.join(output_dir, weights_io.MANIFEST_NAME)):
@@ -464,8 +645,12 @@ def convert_checkpoint(input_dir: str, output_dir: str, method: str, group_size:
                 raise ConvertError(f"{os.path.join(output_dir, weights_io.MANIFEST_NAME)}: the output folder "
                                    f"already holds {k}={m.get(k)!r}, this conversion writes {v!r}; use a new folder")
     source = dict(path=os.path.abspath(ckpt.folder), model_type=_text_config(ckpt.config).get("model_type"),
+                  quantization=found[todo[0]].quant or None,
                   layouts=sorted({found[x].layout for x in todo}),
                   dtypes=sorted({ckpt.dtype(k) for x in todo for k in found[x].keys()}))
+    for idx in todo:  # a quantized checkpoint's scales, all of them, before anything is written
+        with ckpt.opened():
+            found[idx].check_scales(ckpt)
     bar = Progress(len(todo), "ktmoe.convert", stream, progress)
     bar.update(0)
     written = 0
@@ -474,10 +659,7 @@ def convert_checkpoint(input_dir: str, output_dir: str, method: str, group_size:
         packed: List[Packed] = []
         with ckpt.opened():
             for which in ("gate", "up", "down"):  # one projection's source tensors in memory at a time
-                w = src.load(ckpt, which)
-                _check_finite(w, src, which)  # every expert: a quantizer would turn a NaN row into zeros
-                packed.append(fmt.pack(w, group_size))
-                del w
+                packed.append(src.pack_for(ckpt, which, fmt, group_size))
         path = weights_io.write_layer(output_dir, idx, fmt, packed, source=source, method=method,
                                       group_size=group_size)
         written += os.path.getsize(path)

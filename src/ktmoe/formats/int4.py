@@ -39,6 +39,15 @@ class Int4Format(WeightFormat):
     def _codes(self, packed):
         return _unpack_nibbles(packed.data)
 
+    def _code_range(self):  # adopt() takes the signed value n - 8, as symmetric int4 checkpoints store it
+        return -8, 7
+
+    def _store_codes(self, codes):
+        if codes.shape[-1] % 2:
+            raise ValueError(f"{self.name}: the input size {codes.shape[-1]} must be even (two weights per byte)")
+        n = (codes.to(torch.int16) + 8).to(torch.uint8)
+        return (n[..., 0::2] | (n[..., 1::2] << 4)).contiguous()
+
     def _decode(self, codes, scale, zero):
         return scale * codes + (-8.0 * scale)
 
@@ -55,6 +64,12 @@ class Int4ZeroFormat(Int4Format):
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         n = torch.round((g - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, 15)
         return _pack_nibbles(n.reshape(w.shape)), scale, lo
+
+    def _code_range(self):  # adopt() takes the unsigned n, w = scale * n + zero
+        return 0, 15
+
+    def _store_codes(self, codes):
+        return super()._store_codes(codes.to(torch.int16) - 8)
 
     def _decode(self, codes, scale, zero):
         return scale * codes + zero

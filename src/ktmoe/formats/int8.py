@@ -19,5 +19,11 @@ class Int8Format(WeightFormat):
         q = torch.round(g / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
         return q.reshape(w.shape), scale, None
 
+    def _code_range(self):
+        return -128, 127
+
+    def _store_codes(self, codes):
+        return codes.to(torch.int8).contiguous()
+
     def _decode(self, codes, scale, zero):
         return scale * codes

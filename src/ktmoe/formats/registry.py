@@ -5,11 +5,13 @@ from typing import Dict
 
 from .base import WeightFormat
 from .bf16 import BF16Format
+from .fp8 import FP8Format
 from .int4 import Int4Format, Int4KGroupFormat, Int4ZeroFormat, Int4ZeroKGroupFormat
 from .int8 import Int8Format
 
 FORMATS: Dict[str, WeightFormat] = {f.name: f for f in (
-    BF16Format(), Int8Format(), Int4Format(), Int4ZeroFormat(), Int4KGroupFormat(), Int4ZeroKGroupFormat())}
+    BF16Format(), Int8Format(), Int4Format(), Int4ZeroFormat(), Int4KGroupFormat(), Int4ZeroKGroupFormat(),
+    FP8Format())}
 
 
 def get_format(name: str) -> WeightFormat:

@@ -78,9 +78,12 @@ int kt_engine_parts(const kt_engine *eng);
  *   INT8:   w = scale * q,            q int8, one byte per weight
  *   INT4:   w = scale * (n - 8),      n in [0, 15], two per byte, low nibble first
  *   INT4_1: w = scale * n + zero,     n in [0, 15], two per byte, low nibble first
- * group == cols is one scale per row; group < cols is the K-group variant. Scales are laid out
+ *   FP8:    w = bf16(scale * v),      v the float8 e4m3 (fn: no inf, 0x7f / 0xff NaN) value of a byte
+ * group == cols is one scale per row; group < cols is the K-group variant. FP8 has 2-D blocks of
+ * block_rows x group (DeepSeek: 128 x 128), partial at the bottom and right edges when the sizes are not
+ * multiples; the other formats have block_rows == 1 and group dividing cols. Scales are laid out
  * [E, ceil(rows / block_rows), ceil(cols / group)]. ---- */
-enum kt_wfmt { KT_W_BF16 = 0, KT_W_INT8 = 1, KT_W_INT4 = 2, KT_W_INT4_1 = 3, KT_W_COUNT = 4 };
+enum kt_wfmt { KT_W_BF16 = 0, KT_W_INT8 = 1, KT_W_INT4 = 2, KT_W_INT4_1 = 3, KT_W_FP8 = 4, KT_W_COUNT = 5 };
 enum kt_wlayout { KT_L_ROWS = 0, KT_L_COUNT = 1 };
 typedef struct {
     int fmt, layout;
@@ -99,6 +102,8 @@ const char *kt_format_name(int fmt);
 int kt_format_bits(int fmt);
 int kt_format_has_scale(int fmt);
 int kt_format_has_zero(int fmt);
+/* 1 when the format's scales cover 2-D blocks of block_rows x group with partial edge blocks (fp8). */
+int kt_format_blocks_2d(int fmt);
 /* Checks a descriptor (format, layout, sizes, scales present) for a layer with `E` experts. */
 int kt_wmat_check(const kt_wmat *w, int E, char *err);
 
@@ -176,7 +181,10 @@ enum kt_slot_id {
     KT_SLOT_COUNT = 13
 };
 const char *kt_slot_name(int slot);
-double kt_slot_check(int level, int slot, int fmt, int M, int N, int K, int group, unsigned seed, char *err);
+/* group: codes per scale block along cols (0: one per row); block_rows: rows per scale block (0: 1), for
+ * the formats with 2-D blocks, whose matrices then end in partial blocks. */
+double kt_slot_check(int level, int slot, int fmt, int M, int N, int K, int group, int block_rows, unsigned seed,
+                     char *err);
 /* The active level's activation quantizer (the q8_quant slot, what a W8A8 forward runs) on M rows of K
  * bf16 values a: int8 codes q [M, K] and scales sa [M]; for tests against the Python reference. */
 int kt_q8_quantize_rows(int M, int K, const void *a, int8_t *q, float *sa, char *err);

@@ -17,7 +17,7 @@ import torch
 from .. import _core
 from .. import checks
 from ..engine import get_engine
-from ..formats import WeightFormat, expert_shapes
+from ..formats import Packed, WeightFormat, expert_shapes
 from ..lora import LORA_NAMES, lora_shapes
 from ..weights_io import read_layer
 
@@ -206,6 +206,53 @@ class BaseSFTMoEWrapper:
             del t
         self._bind_weights(tuple(packed))
 
+    def load_packed_weights(self, gate, up, down, *, source_format=None,
+                            physical_to_logical_map: Optional[torch.Tensor] = None) -> None:
+        """Loads weights that are already quantized: three `ktmoe.formats.Packed` (gate, up [E, I, H], down
+        [E, H, I]), e.g. a checkpoint's own codes and scales adopted with `FORMATS[name].adopt(...)` or
+        `ktmoe.formats.compressed_tensors.adopt_pack_quantized(...)`.
+
+        source_format: the format (a name of ktmoe.formats.FORMATS, or the instance) the Packed tensors are in;
+        default the method's own. The same format is bound as it is, bit for bit, with the block / group shape
+        the tensors carry (an adopted group of 32 stays 32, whatever group_size says). Another format is
+        converted from its dequantized values (pack() of the method's format with this wrapper's group_size),
+        one projection at a time; a pair that cannot be converted raises ValueError naming the argument. The
+        wrapper copies what it keeps: the caller may free or reuse its tensors afterwards."""
+        from ..formats import FORMATS
+
+        fmt = self.weight_format
+        src = fmt if source_format is None else source_format
+        if isinstance(src, str):
+            if src not in FORMATS:
+                raise ValueError(f"source_format={src!r} is not a known weight format; known: {sorted(FORMATS)}")
+            src = FORMATS[src]
+        if not isinstance(src, WeightFormat):
+            raise TypeError(f"source_format must be a format name or a ktmoe.formats.WeightFormat, got "
+                            f"{type(src).__name__}")
+        names = ("gate", "up", "down")
+        given = (gate, up, down)
+        for name, p, shape in zip(names, given, expert_shapes(self.E, self.H, self.I)):
+            src.check_packed(name, p, shape)
+        order = None if physical_to_logical_map is None else self._check_expert_map(physical_to_logical_map)
+        same = src.name == fmt.name
+        packed = []
+        for name, p in zip(names, given):
+            if same:
+                part = lambda t: None if t is None else (t.clone() if order is None else t[order])  # noqa: E731
+                packed.append(Packed(part(p.data).contiguous(), part(p.scale), part(p.zero), tuple(p.shape),
+                                     p.group, p.block_rows))
+                continue
+            w = src.dequantize(p)
+            if order is not None:
+                w = w[order]
+            try:
+                packed.append(fmt.pack(w, self.group_size))
+            except ValueError as e:
+                raise ValueError(f"source_format={src.name!r} -> method {self.method} (format {fmt.name!r}): "
+                                 f"{name} cannot be converted: {e}") from e
+            del w
+        self._bind_weights(tuple(packed))
+
     def load_weights(self, physical_to_logical_map: Optional[torch.Tensor] = None, *, mmap: bool = False) -> None:
         """Loads this layer from `weight_path`, a folder written by `python -m ktmoe.convert` (see
         docs/weight_format.md). physical_to_logical_map[p] names the file's expert that goes to slot p.
@@ -253,7 +300,7 @@ class BaseSFTMoEWrapper:
         with self._lock:  # never while another thread's call reads the old weights
             for p, which, v in views:
                 self._layer.set_weight(p, which, v.fmt, v.data_ptr, v.scale_ptr, v.zero_ptr, v.rows, v.cols,
-                                       v.row0, v.col0, v.group)
+                                       v.row0, v.col0, v.group, v.block_rows)
             self._weights, self._part_weights = (packed, None) if parts is None else (None, parts)
             self._weights_gen += 1
             self._mapped = None

@@ -112,16 +112,19 @@ static double compare(const float *c, size_t ldc, int M, int N, const double *wa
     return worst;
 }
 
-/* ---- weights of format fmt: E = 2 experts of rows x cols, random codes and scales ---- */
-static int make_weights(arena *A, uint64_t *s, int fmt, int rows, int cols, int group, kt_wmat *w) {
+/* ---- weights of format fmt: E = 2 experts of rows x cols, random codes and scales; blocks of block_rows x
+ * group codes share a scale (partial at the edges for the 2-D block formats). fp8's NaN codes are replaced by
+ * 448 (a NaN weight is refused at load; the decode check plants one on purpose). ---- */
+static int make_weights(arena *A, uint64_t *s, int fmt, int rows, int cols, int group, int block_rows, kt_wmat *w) {
     memset(w, 0, sizeof *w);
     w->fmt = fmt;
     w->layout = KT_L_ROWS;
     w->rows = rows;
     w->cols = cols;
     w->group = group;
-    w->block_rows = 1;
-    size_t n = 2 * (size_t)rows * cols, ns = 2 * (size_t)rows * (size_t)(cols / group);
+    w->block_rows = block_rows;
+    size_t n = 2 * (size_t)rows * cols;
+    size_t ns = 2 * (size_t)((rows + block_rows - 1) / block_rows) * (size_t)((cols + group - 1) / group);
     int bits = kt_format_bits(fmt);
     if (bits == 16) {
         w->data = bf16_array(A, s, n);
@@ -129,7 +132,10 @@ static int make_weights(arena *A, uint64_t *s, int fmt, int rows, int cols, int 
         size_t bytes = bits == 8 ? n : n / 2;
         uint8_t *q = guarded(A, bytes);
         if (q)
-            for (size_t i = 0; i < bytes; i++) q[i] = (uint8_t)rng_next(s);
+            for (size_t i = 0; i < bytes; i++) {
+                q[i] = (uint8_t)rng_next(s);
+                if (fmt == KT_W_FP8 && (q[i] & 0x7f) == 0x7f) q[i] ^= 1;
+            }
         w->data = q;
         float *sc = f32_array(A, s, ns, 0.05f);
         if (sc)
@@ -161,17 +167,30 @@ static double check_gemm(const kt_slots *S, int slot, int M, int N, int K, uint6
     return r;
 }
 
-static double check_decode(const kt_slots *S, int fmt, int M, int K, int group, uint64_t *s, arena *A, char *err) {
-    int cols = round_up(K, group ? group : 2);
-    cols = round_up(cols, 2);
+/* Columns of a test matrix holding at least `need`: whole groups and bytes, except for the 2-D block formats,
+ * which get partial edge blocks whenever `need` is not a multiple of the group. */
+static int test_cols(int fmt, int need, int group) {
+    if (kt_format_blocks_2d(fmt) == 1) return need;
+    return round_up(round_up(need, group ? group : 2), 2);
+}
+
+static double check_decode(const kt_slots *S, int fmt, int M, int K, int group, int block_rows, uint64_t *s, arena *A,
+                           char *err) {
+    int cols = test_cols(fmt, K, group);
     kt_wmat w;
-    if (!make_weights(A, s, fmt, M, cols, group ? group : cols, &w)) {
+    if (!make_weights(A, s, fmt, M, cols, group ? group : cols, block_rows, &w)) {
         snprintf(err, KT_ERRLEN, "could not build %s weights %d x %d group %d", kt_format_name(fmt), M, cols, group);
         return KT_EINVAL;
     }
     int r0 = M / 3, c0 = cols > 1 ? 1 : 0, nr = M - r0, nc = cols - c0; /* odd column start: a high nibble */
     bf16_t *got = guarded(A, sizeof(bf16_t) * (size_t)nr * nc), *want = guarded(A, sizeof(bf16_t) * (size_t)nr * nc);
     if (A->failed) return out_of_memory(err);
+    if (fmt == KT_W_FP8) { /* a NaN code, a negative subnormal, and one block whose products are fp32 denormals */
+        uint8_t *q = (uint8_t *)w.data + (size_t)(M + r0) * cols;
+        q[c0] = 0xff;
+        if (nc > 1) q[c0 + 1] = 0x83;
+        ((float *)w.scale)[kt_scale_index(&w, 1, M - 1, cols - 1)] = 1e-37f;
+    }
     kt_decode_block(S, &w, 1, r0, nr, c0, nc, got);
     kt_ref_decode_block(&w, 1, r0, nr, c0, nc, want);
     double r = 0;
@@ -187,13 +206,13 @@ static double check_decode(const kt_slots *S, int fmt, int M, int K, int group, 
 
 /* The prepared-operand path as the algorithm uses it: prep with the expert's row count, then GEMM chunks
  * of at most blk.mc rows. The W block starts one row and one column into expert 1's matrix. */
-static double check_bop(const kt_slots *S, int slot, int fmt, int M, int N, int K, int group, uint64_t *s, arena *A,
-                        char *err) {
+static double check_bop(const kt_slots *S, int slot, int fmt, int M, int N, int K, int group, int block_rows,
+                        uint64_t *s, arena *A, char *err) {
     int trans = slot == KT_SLOT_BOP_NT ? KT_NT : KT_NN;
     int nr = trans == KT_NT ? N : K, nc = trans == KT_NT ? K : N;
-    int cols = round_up(round_up(1 + nc, group ? group : 2), 2);
+    int cols = test_cols(fmt, 1 + nc, group);
     kt_wmat w;
-    if (!make_weights(A, s, fmt, nr + 1, cols, group ? group : cols, &w)) {
+    if (!make_weights(A, s, fmt, nr + 1, cols, group ? group : cols, block_rows, &w)) {
         snprintf(err, KT_ERRLEN, "could not build %s weights", kt_format_name(fmt));
         return KT_EINVAL;
     }
@@ -219,15 +238,15 @@ static double check_bop(const kt_slots *S, int slot, int fmt, int M, int N, int 
 /* The packed-activation NT path (xpack, bop_gemm_px) as the forward uses it: all M rows packed once, the
  * weight block prepared for M rows, GEMM chunks of at most blk.mc rows at their offset in the pack. Levels
  * without xpack, or fewer rows than it takes, have nothing to check. */
-static double check_bop_px(const kt_slots *S, int fmt, int M, int N, int K, int group, uint64_t *s, arena *A,
-                           char *err) {
+static double check_bop_px(const kt_slots *S, int fmt, int M, int N, int K, int group, int block_rows, uint64_t *s,
+                           arena *A, char *err) {
     if (!S->xpack || M < S->blk.xpack_min_m) {
         snprintf(err, KT_ERRLEN, "not used at this level for M=%d", M);
         return 0;
     }
-    int cols = round_up(round_up(1 + K, group ? group : 2), 2);
+    int cols = test_cols(fmt, 1 + K, group);
     kt_wmat w;
-    if (!make_weights(A, s, fmt, N + 1, cols, group ? group : cols, &w)) {
+    if (!make_weights(A, s, fmt, N + 1, cols, group ? group : cols, block_rows, &w)) {
         snprintf(err, KT_ERRLEN, "could not build %s weights", kt_format_name(fmt));
         return KT_EINVAL;
     }
@@ -364,7 +383,7 @@ static double check_q8_quant(const kt_slots *S, int n, uint64_t *s, arena *A, ch
 static double check_bop_q8(const kt_slots *S, int fmt, int M, int N, int K, uint64_t *s, arena *A, char *err) {
     int cols = round_up(1 + K, 2);
     kt_wmat w;
-    if (!make_weights(A, s, fmt, N + 1, cols, cols, &w) || !kt_q8_supported(&w)) {
+    if (!make_weights(A, s, fmt, N + 1, cols, cols, 1, &w) || !kt_q8_supported(&w)) {
         snprintf(err, KT_ERRLEN, "bop_q8: no W8A8 view of %s weights (int8, int4, int4_1 with a scale per row)",
                  kt_format_name(fmt));
         return KT_EINVAL;
@@ -396,7 +415,8 @@ static double check_bop_q8(const kt_slots *S, int fmt, int M, int N, int K, uint
     return r;
 }
 
-double kt_slot_check(int level, int slot, int fmt, int M, int N, int K, int group, unsigned seed, char *err) {
+double kt_slot_check(int level, int slot, int fmt, int M, int N, int K, int group, int block_rows, unsigned seed,
+                     char *err) {
     err[0] = 0;
     const kt_slots *S = kt_slots_of(level);
     if (!S) {
@@ -405,25 +425,33 @@ double kt_slot_check(int level, int slot, int fmt, int M, int N, int K, int grou
         snprintf(err, KT_ERRLEN, "level %s is not usable here: %s", kt_isa_name(level), why);
         return KT_EINVAL;
     }
-    if (slot < 0 || slot >= KT_SLOT_COUNT || M < 1 || N < 1 || K < 0 || group < 0 || fmt < 0 || fmt >= KT_W_COUNT) {
-        snprintf(err, KT_ERRLEN, "bad case: slot %d fmt %d M=%d N=%d K=%d group=%d", slot, fmt, M, N, K, group);
+    if (slot < 0 || slot >= KT_SLOT_COUNT || M < 1 || N < 1 || K < 0 || group < 0 || block_rows < 0 || fmt < 0 ||
+        fmt >= KT_W_COUNT) {
+        snprintf(err, KT_ERRLEN, "bad case: slot %d fmt %d M=%d N=%d K=%d group=%d block_rows=%d", slot, fmt, M, N, K,
+                 group, block_rows);
         return KT_EINVAL;
     }
+    if (block_rows > 1 && kt_format_blocks_2d(fmt) != 1) {
+        snprintf(err, KT_ERRLEN, "bad case: block_rows=%d for %s, whose scales are per row", block_rows,
+                 kt_format_name(fmt));
+        return KT_EINVAL;
+    }
+    if (block_rows == 0) block_rows = 1;
     if (S->thread_init) S->thread_init(); /* the engine does this for its threads; here the caller runs the slot */
     uint64_t s = 0x9e3779b97f4a7c15ull ^ ((uint64_t)seed * 0x2545f4914f6cdd1dull);
     arena *A = calloc(1, sizeof *A);
     if (!A) return out_of_memory(err);
     double r;
     switch (slot) {
-    case KT_SLOT_DECODE: r = check_decode(S, fmt, M, K > 0 ? K : 2, group, &s, A, err); break;
+    case KT_SLOT_DECODE: r = check_decode(S, fmt, M, K > 0 ? K : 2, group, block_rows, &s, A, err); break;
     case KT_SLOT_BOP_NT:
-    case KT_SLOT_BOP_NN: r = check_bop(S, slot, fmt, M, N, K > 0 ? K : 1, group, &s, A, err); break;
+    case KT_SLOT_BOP_NN: r = check_bop(S, slot, fmt, M, N, K > 0 ? K : 1, group, block_rows, &s, A, err); break;
     case KT_SLOT_OUTER_F32:
     case KT_SLOT_OUTER_BF16: r = check_outer(S, slot, M, N, K, &s, A, err); break;
     case KT_SLOT_ACT_FWD:
     case KT_SLOT_ACT_BWD: r = check_act(S, slot, N, &s, A, err); break;
     case KT_SLOT_Q8_QUANT: r = check_q8_quant(S, N, &s, A, err); break;
-    case KT_SLOT_BOP_PX: r = check_bop_px(S, fmt, M, N, K > 0 ? K : 1, group, &s, A, err); break;
+    case KT_SLOT_BOP_PX: r = check_bop_px(S, fmt, M, N, K > 0 ? K : 1, group, block_rows, &s, A, err); break;
     case KT_SLOT_BOP_Q8: r = check_bop_q8(S, fmt, M, N, K > 0 ? K : 1, &s, A, err); break;
     default: r = check_gemm(S, slot, M, N, K, &s, A, err); break;
     }

@@ -51,7 +51,33 @@ static inline void kt_decode_int4_1(const kt_wmat *w, int e, int r, int c, int n
     kt_decode_nibbles((const uint8_t *)w->data, kt_code_index(w, e, r, c), n, w->scale[si], w->zero[si], d);
 }
 
+/* The exact fp32 value of a float8 e4m3fn byte: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0
+ * is subnormal (m * 2^-9), 0x7f / 0xff are NaN, there is no infinity. Normal values move their fields into
+ * fp32's (exponent rebased by 127 - 7); subnormals are small integers times a power of two: both exact, and
+ * written with selects so that the loops below vectorize. */
+static inline float kt_e4m3_value(uint8_t b) {
+    uint32_t sign = (uint32_t)(b & 0x80u) << 24, e = (b >> 3) & 15u, m = b & 7u;
+    kt_bits32 normal, sub;
+    normal.u = sign | ((e + 120u) << 23) | (m << 20);
+    sub.f = (float)m * 0x1p-9f;
+    sub.u |= sign;
+    uint32_t u = e ? normal.u : sub.u;
+    u = (b & 0x7fu) == 0x7fu ? (sign | 0x7fc00000u) : u;
+    kt_bits32 r;
+    r.u = u;
+    return r.f;
+}
+
+/* d[i] = bf16(s * v[i]): the fp32 product, then one round to nearest even to bf16 (the dequantization
+ * DeepSeek's checkpoints define: fp8 -> fp32, times the fp32 scale_inv, cast to bf16). */
+static inline void kt_decode_fp8(const kt_wmat *w, int e, int r, int c, int n, bf16_t *d) {
+    const uint8_t *q = (const uint8_t *)w->data + kt_code_index(w, e, r, c);
+    float s = w->scale[kt_scale_index(w, e, r, c)];
+#pragma omp simd
+    for (int j = 0; j < n; j++) d[j] = kt_round_bf16(s * kt_e4m3_value(q[j]));
+}
+
 /* The table of a level's decode slots, in enum kt_wfmt order. */
-#define KT_GENERIC_DECODE {kt_decode_bf16, kt_decode_int8, kt_decode_int4, kt_decode_int4_1}
+#define KT_GENERIC_DECODE {kt_decode_bf16, kt_decode_int8, kt_decode_int4, kt_decode_int4_1, kt_decode_fp8}
 
 #endif

@@ -10,13 +10,16 @@ typedef struct {
     int codes_per_byte; /* 1, or 2 for nibbles */
     int q8;             /* has an int8 view for the W8A8 path: w = scale * (code + q8_offset) + zero */
     int q8_offset;
+    int blocks_2d;      /* scale blocks of block_rows x group, partial at the edges (fp8); else block_rows == 1
+                           and group divides cols (the fused kernels and the K-group slicing rely on it) */
 } kt_format_traits;
 
 static const kt_format_traits traits[KT_W_COUNT] = {
-    [KT_W_BF16] = {"bf16", 16, 0, 0, 1, 0, 0},
-    [KT_W_INT8] = {"int8", 8, 1, 0, 1, 1, 0},
-    [KT_W_INT4] = {"int4", 4, 1, 0, 2, 1, -8},
-    [KT_W_INT4_1] = {"int4_1", 4, 1, 1, 2, 1, 0},
+    [KT_W_BF16] = {"bf16", 16, 0, 0, 1, 0, 0, 0},
+    [KT_W_INT8] = {"int8", 8, 1, 0, 1, 1, 0, 0},
+    [KT_W_INT4] = {"int4", 4, 1, 0, 2, 1, -8, 0},
+    [KT_W_INT4_1] = {"int4_1", 4, 1, 1, 2, 1, 0, 0},
+    [KT_W_FP8] = {"fp8", 8, 1, 0, 1, 0, 0, 1},
 };
 
 static const kt_format_traits *traits_of(int fmt) { return fmt >= 0 && fmt < KT_W_COUNT ? &traits[fmt] : NULL; }
@@ -25,6 +28,7 @@ const char *kt_format_name(int fmt) { return traits_of(fmt) ? traits_of(fmt)->na
 int kt_format_bits(int fmt) { return traits_of(fmt) ? traits_of(fmt)->bits : -1; }
 int kt_format_has_scale(int fmt) { return traits_of(fmt) ? traits_of(fmt)->has_scale : -1; }
 int kt_format_has_zero(int fmt) { return traits_of(fmt) ? traits_of(fmt)->has_zero : -1; }
+int kt_format_blocks_2d(int fmt) { return traits_of(fmt) ? traits_of(fmt)->blocks_2d : -1; }
 
 int kt_wmat_check(const kt_wmat *w, int E, char *err) {
     const kt_format_traits *t = traits_of(w->fmt);
@@ -41,9 +45,14 @@ int kt_wmat_check(const kt_wmat *w, int E, char *err) {
                  w->cols);
         return KT_EINVAL;
     }
-    if (w->group < 1 || w->block_rows < 1 || w->cols % w->group != 0) {
-        snprintf(err, KT_ERRLEN, "%s weights: group=%d must divide cols=%d (block_rows=%d >= 1)", t->name, w->group,
-                 w->cols, w->block_rows);
+    if (w->group < 1 || w->block_rows < 1) {
+        snprintf(err, KT_ERRLEN, "%s weights: group=%d and block_rows=%d must be >= 1", t->name, w->group,
+                 w->block_rows);
+        return KT_EINVAL;
+    }
+    if (!t->blocks_2d && (w->cols % w->group != 0 || w->block_rows != 1)) {
+        snprintf(err, KT_ERRLEN, "%s weights: group=%d must divide cols=%d and block_rows=%d must be 1 (only fp8 "
+                 "has 2-D scale blocks with partial edges)", t->name, w->group, w->cols, w->block_rows);
         return KT_EINVAL;
     }
     if (t->codes_per_byte == 2 && w->cols % 2) {

@@ -55,4 +55,41 @@ static void kt_decode_int4_1_avx512bf16(const kt_wmat *w, int e, int r, int c, i
     kt_decode_nibbles_avx512bf16((const uint8_t *)w->data, kt_code_index(w, e, r, c), n, w->scale[si], w->zero[si], d);
 }
 
+/* 16 float8 e4m3fn bytes -> their exact fp32 values, the fields moved as in kt_e4m3_value. */
+static inline __m512 kt_e4m3_values_avx512(__m128i bytes) {
+    __m512i v = _mm512_cvtepu8_epi32(bytes);
+    __m512i sign = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x80)), 24);
+    __m512i mag = _mm512_and_si512(v, _mm512_set1_epi32(0x7f));
+    __m512i normal = _mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23));
+    __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(7))), _mm512_set1_ps(0x1p-9f));
+    __mmask16 is_sub = _mm512_testn_epi32_mask(v, _mm512_set1_epi32(0x78));
+    __mmask16 is_nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f));
+    __m512i u = _mm512_mask_mov_epi32(normal, is_sub, _mm512_castps_si512(sub));
+    u = _mm512_mask_mov_epi32(u, is_nan, _mm512_set1_epi32(0x7fc00000));
+    return _mm512_castsi512_ps(_mm512_or_si512(u, sign));
+}
+
+/* d[i] = bf16(s * v[i]), as kt_decode_fp8. vcvtne2ps2bf16 flushes fp32 denormals to zero where kt_round_bf16
+ * keeps them, so a step whose products include one (a scale below ~2^-117) goes through the portable loop. */
+static void kt_decode_fp8_avx512bf16(const kt_wmat *w, int e, int r, int c, int n, bf16_t *d) {
+    const uint8_t *q = (const uint8_t *)w->data + kt_code_index(w, e, r, c);
+    float s = w->scale[kt_scale_index(w, e, r, c)];
+    __m512 vs = _mm512_set1_ps(s), tiny = _mm512_set1_ps(0x1p-126f);
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m512 lo = _mm512_mul_ps(vs, kt_e4m3_values_avx512(_mm_loadu_si128((const __m128i *)(q + i))));
+        __m512 hi = _mm512_mul_ps(vs, kt_e4m3_values_avx512(_mm_loadu_si128((const __m128i *)(q + i + 16))));
+        __mmask16 den = (__mmask16)(_mm512_cmp_ps_mask(_mm512_abs_ps(lo), tiny, _CMP_LT_OQ) &
+                                    _mm512_cmp_ps_mask(lo, _mm512_setzero_ps(), _CMP_NEQ_OQ)) |
+                        (__mmask16)(_mm512_cmp_ps_mask(_mm512_abs_ps(hi), tiny, _CMP_LT_OQ) &
+                                    _mm512_cmp_ps_mask(hi, _mm512_setzero_ps(), _CMP_NEQ_OQ));
+        if (den) {
+            for (int j = i; j < i + 32; j++) d[j] = kt_round_bf16(s * kt_e4m3_value(q[j]));
+            continue;
+        }
+        _mm512_storeu_si512((void *)(d + i), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    for (int j = i; j < n; j++) d[j] = kt_round_bf16(s * kt_e4m3_value(q[j]));
+}
+
 #endif

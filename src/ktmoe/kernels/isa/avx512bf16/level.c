@@ -31,7 +31,7 @@ const kt_level kt_level_avx512bf16 = {
     .autoselect = 1,
     .usable = kt_cpu_usable_avx512bf16,
     /* break-even of the fused path vs decode + gemm_nn, measured on Zen 4: int4 decoding costs more in the
-     * block form, so it wins up to more rows */
+     * block form, so it wins up to more rows; fp8 (fused_max_m inherited: -1) always decodes into blocks */
     .blk = {.fused_max_m = {[KT_W_INT8] = 8, [KT_W_INT4] = 16, [KT_W_INT4_1] = 16},
             .mc = 256, .xpack_min_m = 40},
     .slots =
@@ -39,7 +39,7 @@ const kt_level kt_level_avx512bf16 = {
             .gemm_nt = gemm_nt,
             .gemm_nn = gemm_nn,
             .decode_run = {[KT_W_INT8] = kt_decode_int8_avx512bf16, [KT_W_INT4] = kt_decode_int4_avx512bf16,
-                           [KT_W_INT4_1] = kt_decode_int4_1_avx512bf16},
+                           [KT_W_INT4_1] = kt_decode_int4_1_avx512bf16, [KT_W_FP8] = kt_decode_fp8_avx512bf16},
             .qdot_small = kt_qdot_small,
             .bop_bytes = kt_px_bop_bytes,
             .bop_prep = kt_px_bop_prep,
