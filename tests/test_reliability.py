@@ -317,6 +317,22 @@ def test_bf16_overflowing_input_refused():
         w.backward(dy)
 
 
+def test_overflowing_gradients_reported():
+    # finite inputs whose products overflow: the kernels flag the results as they write them
+    w = make_wrapper(E, K, H, I, R, weights=_weights(), lora=make_lora(E, H, I, R, gen(2)))
+    x, ids, rw = _inputs()
+    w.forward_sft(x, ids, rw)
+    dy = torch.full_like(x, 3.3e38)
+    with pytest.raises(ValueError, match=r"(grad_input|gradient) turned non-finite"):
+        w.backward(dy)
+    prev = ktmoe.set_finite_checks(False)
+    try:
+        dx, grads = w.backward(dy)  # checks off: returned as computed
+        assert not bool(torch.isfinite(dx).all())
+    finally:
+        ktmoe.set_finite_checks(prev)
+
+
 def test_finite_checks_switch_off():
     ws = [t.clone() for t in _weights(dtype=torch.float32)]
     ws[0][0, 0, 0] = math.nan

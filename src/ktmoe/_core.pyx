@@ -81,6 +81,7 @@ cdef extern from "ktmoe.h" nogil:
     void kt_ctx_destroy(kt_ctx *ctx)
     size_t kt_ctx_bytes(const kt_ctx *ctx)
     void kt_ctx_release(kt_ctx *ctx)
+    int kt_ctx_nonfinite(const kt_ctx *ctx)
     int kt_plan(kt_ctx *ctx, const kt_layer *L, int T, const void *ids, int ids_is_i32, const void *wts,
                 int wts_is_bf16, char *err)
     int kt_forward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *x, int x_is_f32, void *out,
@@ -371,6 +372,12 @@ cdef class Context:
 
     def release(self):
         kt_ctx_release(self.ctx)
+
+    @property
+    def nonfinite(self):
+        """KT_NF_* bits: which results of the last call hold NaN/Inf (1 output or grad_input, 2 routing-weight
+        grads, 4 << i LoRA grad i), found while they were written."""
+        return kt_ctx_nonfinite(self.ctx)
 
     def plan(self, Layer layer, int T, uintptr_t ids, bint ids_i32, uintptr_t wts, bint wts_bf16):
         cdef char err[512]

@@ -142,6 +142,11 @@ kt_ctx *kt_ctx_create(void);
 void kt_ctx_destroy(kt_ctx *ctx);
 size_t kt_ctx_bytes(const kt_ctx *ctx); /* bytes held (for memory reports) */
 void kt_ctx_release(kt_ctx *ctx);       /* free the saved activations (the plan stays) */
+/* Which results of the last kt_forward / kt_backward on ctx hold a NaN or Inf, found while they were
+ * written (no second pass): bit KT_NF_OUT the output (forward) or grad_input (backward), KT_NF_DW the
+ * routing-weight grads, KT_NF_GRAD << i LoRA grad i (LORA order). 0: all finite. */
+enum { KT_NF_OUT = 1, KT_NF_DW = 2, KT_NF_GRAD = 4 };
+int kt_ctx_nonfinite(const kt_ctx *ctx);
 
 /* Build the plan: pairs grouped by expert. ids: [T, k] int64 (ids_is_i32: int32), -1 = skip.
  * wts: [T, k] fp32 (wts_is_bf16: bf16). */

@@ -511,15 +511,17 @@ class BaseSFTMoEWrapper:
         x_row, ids_row, w_row = self.H * x.element_size(), self.k * ids.element_size(), self.k * w.element_size()
         x_ptr, ids_ptr, w_ptr, out_ptr = x.data_ptr(), ids.data_ptr(), w.data_ptr(), out.data_ptr()
         chunks: List[Tuple[_core.Context, int, int]] = []
+        nonfinite = 0
         core, layer = self._engine.core, self._layer
         for t0 in range(0, max(T, 1), self.chunk):
             t1 = min(T, t0 + self.chunk)
             ctx = _core.Context() if save else self._scratch_ctx
             ctx.plan(layer, t1 - t0, ids_ptr + t0 * ids_row, ids_i32, w_ptr + t0 * w_row, w_bf16)
             ctx.forward(layer, core, x_ptr + t0 * x_row, x_f32, out_ptr + t0 * x_row, x_f32, save)
+            nonfinite |= check and ctx.nonfinite
             if save:
                 chunks.append((ctx, t0, t1))
-        if check:
+        if nonfinite:  # flagged by the kernels as they wrote the output: now find it for the message
             self._check_output("forward output", out)
         dev = hidden_states.device
         y = out if out.dtype is hidden_states.dtype and dev.type == "cpu" else \
@@ -563,15 +565,17 @@ class BaseSFTMoEWrapper:
         extra = [torch.empty(sh, dtype=torch.float32) for sh in shapes] if has_lora and len(saved.chunks) > 1 else []
         row = self.H * dy.element_size()
         dy_ptr, dx_ptr, dw_ptr = dy.data_ptr(), dx.data_ptr(), dw.data_ptr()
+        nonfinite = 0
         core, layer = self._engine.core, self._layer
         for i, (ctx, t0, _) in enumerate(saved.chunks):
             target = ptrs if i == 0 or not extra else [g.data_ptr() for g in extra]
             ctx.backward(layer, core, dy_ptr + t0 * row, dy_f32, dx_ptr + t0 * row, dy_f32, dw_ptr + t0 * self.k * 4,
                          target)
+            nonfinite |= check and ctx.nonfinite
             if i > 0 and extra:
                 for g, e in zip(grads, extra):
                     g += e
-        if check:
+        if nonfinite or (check and extra):  # the kernels flag NaN/Inf as they write; chunk sums may overflow
             self._check_output("grad_input", dx)
             self._check_output("routing-weight gradient", dw)
             for name, g in zip(LORA_NAMES, grads):

@@ -37,6 +37,7 @@ struct kt_ctx {
     int T, k, E, H, I, r, nparts, npairs;
     int part_i0[KT_MAX_PARTS + 1];
     int saved;             /* forward activations valid for backward */
+    int nonfinite;         /* KT_NF_* bits of the last call's results */
     int *expert_off;       /* [E + 1]: pairs of expert e are [expert_off[e], expert_off[e + 1]) */
     int *pair_tok;         /* [npairs] token of each pair */
     int *pair_slot;        /* [npairs] t * k + slot */

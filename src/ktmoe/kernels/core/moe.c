@@ -225,6 +225,8 @@ static int check_act_quant(const kt_layer *L, char *err) {
     return KT_OK;
 }
 
+int kt_ctx_nonfinite(const kt_ctx *ctx) { return ctx->nonfinite; }
+
 int kt_forward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *x, int x_is_f32, void *out,
                int out_is_f32, int save_for_backward, char *err) {
     int rc = check_layer(L, err);
@@ -238,6 +240,7 @@ int kt_forward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *x, in
         return KT_EINVAL;
     }
     ctx->saved = 0;
+    ctx->nonfinite = 0;
     rc = alloc_activations(ctx, save_for_backward, err);
     if (rc) return rc;
     const kt_slots *S = kt_slots_active();
@@ -264,6 +267,7 @@ int kt_backward(kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *dy, 
         return KT_ESTATE;
     }
     const kt_slots *S = kt_slots_active();
+    ctx->nonfinite = 0;
     kt_engine_lock(eng);
     kt_engine_set_thread_init(eng, S->thread_init);
     rc = S->backward(S, ctx, L, eng, dy, dy_is_f32, dx, dx_is_f32, dw, grads, err);

@@ -60,6 +60,7 @@ typedef struct {
     int8_t *hq[KT_MAX_PARTS]; /* W8A8: [npairs, Ip] codes of each part's slice of h, one scale per pair hs */
     float *hs;
     float *const *grads;
+    atomic_int nonfinite;     /* KT_NF_* bits of the results written so far */
     atomic_int failed;        /* first problem found by a task: 1 = non-finite input, 2 = out of memory */
     atomic_int bad_row;
 } stage_args;
@@ -67,6 +68,21 @@ typedef struct {
 static void fail(stage_args *a, int code, int row) {
     int zero = 0;
     if (atomic_compare_exchange_strong(&a->failed, &zero, code)) atomic_store(&a->bad_row, row);
+}
+
+/* Results are scanned as they are written (still in cache), so that the caller needs no pass of its own. */
+static int has_nonfinite(const float *p, size_t n) {
+    uint32_t bad = 0;
+#pragma omp simd reduction(| : bad)
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, p + i, sizeof u);
+        bad |= (u & 0x7f800000u) == 0x7f800000u;
+    }
+    return bad != 0;
+}
+static void mark_nonfinite(stage_args *a, int bits, const float *p, size_t n) {
+    if (has_nonfinite(p, n)) atomic_fetch_or(&a->nonfinite, bits);
 }
 
 static inline int expert_rows(const kt_ctx *ctx, int e) { return ctx->expert_off[e + 1] - ctx->expert_off[e]; }
@@ -489,6 +505,7 @@ static void combine_task(void *arg, int part, int task, int tid) {
                     for (size_t n = 0; n < nb; n++) acc[n] += src[n];
                 }
             }
+            mark_nonfinite(cb->a, KT_NF_OUT, acc, nb);
             if (cb->out_is_f32) {
                 memcpy((float *)cb->out + (size_t)t * H + n0, acc, sizeof(float) * nb);
             } else {
@@ -616,6 +633,7 @@ static int kt_stages_forward(const kt_slots *S, kt_ctx *ctx, const kt_layer *L, 
     for (int p = 0; p < P; p++) nt[p] = a.nactive * a.nblk_h;
     run_parts_timed(&a, "fwd_down", nt, fwd_down_task, &a);
     combine_pairs(&a, out, out_is_f32);
+    ctx->nonfinite = atomic_load(&a.nonfinite);
     return finish(&a, "hidden_states", err);
 }
 
@@ -709,6 +727,11 @@ static void bwd_down_act_task(void *arg, int part, int task, int tid) {
         S->outer_f32(m, r, nb, cu, (size_t)r, duf, NBB, buT, NBB);
     }
     if (r > 0) {
+        for (int j = 0; j < r; j++) {
+            mark_nonfinite(a, KT_NF_GRAD << 4, gAd + (size_t)j * I, (size_t)nb);
+            mark_nonfinite(a, KT_NF_GRAD << 1, bgT + (size_t)j * NBB, (size_t)nb);
+            mark_nonfinite(a, KT_NF_GRAD << 3, buT + (size_t)j * NBB, (size_t)nb);
+        }
         transpose_f32(bgT, NBB, r, nb, gBg, (size_t)r);
         transpose_f32(buT, NBB, r, nb, gBu, (size_t)r);
     }
@@ -791,6 +814,9 @@ static void bwd_lora_sum_task(void *arg, int part, int task, int tid) {
         a->S->outer_bf16(m, r, H, cu, (size_t)r, xrows, gAu, (size_t)H);
         a->S->outer_bf16(m, r, H, cd, (size_t)r, dyrows, bdT, (size_t)H);
     }
+    mark_nonfinite(a, KT_NF_GRAD << 0, gAg, (size_t)r * H);
+    mark_nonfinite(a, KT_NF_GRAD << 2, gAu, (size_t)r * H);
+    mark_nonfinite(a, KT_NF_GRAD << 5, bdT, (size_t)r * H);
     transpose_f32(bdT, (size_t)H, r, H, gBd, (size_t)r);
 }
 
@@ -895,6 +921,8 @@ static int kt_stages_backward(const kt_slots *S, kt_ctx *ctx, const kt_layer *L,
             for (int b = 0; b < a.nblk_b[q]; b++) acc += a.dwp[q][(size_t)b * np + p];
         dw[ctx->pair_slot[p]] += acc;
     }
+    mark_nonfinite(&a, KT_NF_DW, dw, (size_t)T * ctx->k);
+    ctx->nonfinite = atomic_load(&a.nonfinite);
     return KT_OK;
 }
 
