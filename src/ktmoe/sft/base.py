@@ -63,6 +63,9 @@ def _check_width(name: str, t, cols: int, hint: str) -> None:
         raise ValueError(f"{name} must have shape [T, {cols}]{hint}, got {got}")
 
 
+_CPU = torch.device("cpu")
+
+
 class SavedForward(NamedTuple):
     """What backward needs from one forward: per chunk (native context, first token, end token), and the
     input's T, dtype and device. (Tuples: this is built on every call, right after the caches went cold.)"""
@@ -508,7 +511,8 @@ class BaseSFTMoEWrapper:
         out = torch.empty((T, self.H), dtype=x.dtype)
         ids_i32, w_bf16 = ids.dtype is torch.int32, w.dtype is torch.bfloat16
         # chunk t0 starts at these byte offsets (no slicing: views cost microseconds)
-        x_row, ids_row, w_row = self.H * x.element_size(), self.k * ids.element_size(), self.k * w.element_size()
+        x_row = self.H * (4 if x_f32 else 2)
+        ids_row, w_row = self.k * (4 if ids_i32 else 8), self.k * (2 if w_bf16 else 4)
         x_ptr, ids_ptr, w_ptr, out_ptr = x.data_ptr(), ids.data_ptr(), w.data_ptr(), out.data_ptr()
         chunks: List[Tuple[_core.Context, int, int]] = []
         nonfinite = 0
@@ -523,9 +527,12 @@ class BaseSFTMoEWrapper:
                 chunks.append((ctx, t0, t1))
         if nonfinite:  # flagged by the kernels as they wrote the output: now find it for the message
             self._check_output("forward output", out)
-        dev = hidden_states.device
-        y = out if out.dtype is hidden_states.dtype and dev.type == "cpu" else \
-            out.to(dtype=hidden_states.dtype, device=dev)
+        if hidden_states.is_cpu:  # (no device object: every call here runs on cold caches)
+            dev = _CPU
+            y = out if out.dtype is hidden_states.dtype else out.to(hidden_states.dtype)
+        else:
+            dev = hidden_states.device
+            y = out.to(dtype=hidden_states.dtype, device=dev)
         saved = SavedForward(chunks, T, hidden_states.dtype, dev, self._weights_gen) if save else None
         return y, saved
 
@@ -563,7 +570,7 @@ class BaseSFTMoEWrapper:
             grads = [torch.empty(sh, dtype=torch.float32) for sh in shapes]
         ptrs = [g.data_ptr() for g in grads] if has_lora else None
         extra = [torch.empty(sh, dtype=torch.float32) for sh in shapes] if has_lora and len(saved.chunks) > 1 else []
-        row = self.H * dy.element_size()
+        row = self.H * (4 if dy_f32 else 2)
         dy_ptr, dx_ptr, dw_ptr = dy.data_ptr(), dx.data_ptr(), dw.data_ptr()
         nonfinite = 0
         core, layer = self._engine.core, self._layer
@@ -581,9 +588,10 @@ class BaseSFTMoEWrapper:
             for name, g in zip(LORA_NAMES, grads):
                 self._check_output(f"{name} gradient", g)
         dev = saved.device
-        grad_input = dx if dx.dtype is saved.dtype and dev.type == "cpu" else dx.to(dtype=saved.dtype, device=dev)
+        on_cpu = dev is _CPU or dev.type == "cpu"
+        grad_input = dx if dx.dtype is saved.dtype and on_cpu else dx.to(dtype=saved.dtype, device=dev)
         out = dict(zip(LORA_NAMES, grads))
-        out["weights"] = dw if dev.type == "cpu" else dw.to(dev)
+        out["weights"] = dw if on_cpu else dw.to(dev)
         return grad_input, out
 
     def forward_sft(self, hidden_states: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
@@ -591,7 +599,7 @@ class BaseSFTMoEWrapper:
         """[T, H] -> [T, H]. With save_for_backward the activations are kept for backward() (a new
         forward replaces them, as a recompute under gradient checkpointing must)."""
         with self._lock:
-            y, saved = self._run_forward(hidden_states, expert_ids, weights, save_for_backward)
+            y, saved = self._run_forward_locked(hidden_states, expert_ids, weights, save_for_backward)
             self._saved = saved
         return y
 
