@@ -61,7 +61,7 @@ def render(res: dict) -> str:
              f"the step is bandwidth-bound; x vs = their fwd+bwd / ktmoe fwd+bwd (> 1: ktmoe faster)")
     L.append("")
 
-    rows, base_rows, over_rows, mem_rows, notes = [], [], [], [], []
+    rows, base_rows, over_rows, mem_rows, notes, stage_rows = [], [], [], [], [], []
     for p in res["presets"]:
         name = p["preset"]["name"]
         if p.get("skipped"):
@@ -93,6 +93,10 @@ def render(res: dict) -> str:
             for who, s in (("torch", t), ("kt-kernel", k)):
                 if s and "error" in s and s["error"] not in startup_errors:
                     notes.append(f"{name} T={row['T']} {who} ({row['method']}): {s['error']}")
+        for st in p.get("stages", []):
+            stage_rows.append([name, st["method"], str(st["T"]), st["stage"], _f(st["ms"], "{:.2f}"),
+                               _f(st.get("gflops"), "{:.0f}"), _f(st.get("pct_peak"), "{:.0f}%"),
+                               _f(st.get("weight_gbps")), _f(st.get("pct_bw"), "{:.0f}%")])
         for ov in p["overhead"]:
             over_rows.append([name, ov["method"], str(ov["T"]), _f(ov["fwd_total_us"], "{:.0f}"),
                               f"{_f(ov['fwd_overhead_us'])} ({_f(ov.get('fwd_overhead_min_us'))})",
@@ -120,6 +124,16 @@ def render(res: dict) -> str:
         L += _table(["preset", "method", "T", "touched experts", "torch fwd ms", "torch bwd ms", "torch total ms",
                      "torch % peak", "kt-kernel fwd ms", "kt-kernel bwd ms", "kt-kernel total ms",
                      "kt-kernel % peak", "BW bound ms", "FLOP bound ms"], base_rows)
+        L.append("")
+    if stage_rows:
+        L.append("## Where the time goes (native stage profile, one step, mean of 3)")
+        L.append("")
+        L.append("GEMM stages: GFLOP/s of their base products (fwd_gate_up 4HI, fwd_down 2HI, bwd_down_act 2HI, "
+                 "bwd_dx 4HI per pair; LoRA and activation work included in the time) and the rate at which they "
+                 "read the touched experts' packed weights, against the peak and read bandwidth of this run")
+        L.append("")
+        L += _table(["preset", "method", "T", "stage", "ms", "GFLOP/s", "% peak", "weights GB/s", "% BW"],
+                    stage_rows)
         L.append("")
     if over_rows:
         L.append("## Python overhead per call (wall time minus time inside the native calls: median (min))")

@@ -209,7 +209,7 @@ def run_preset(preset: wl.Preset, args, machine: dict) -> dict:
     tokens = args.tokens
     max_T = max(tokens)
     res: dict = dict(preset=preset.as_dict(), rank=r, tokens=tokens, rows=[], overhead=[], memory=[], notes=[],
-                     _raw=[])  # rows are derived in run(), once the peak is final
+                     stages=[], _raw=[], _stages=[])  # rows are derived in run(), once the peak is final
     W = wl.weight_bytes_bf16(E, H, I)
     lora_f32 = wl.lora_numel(E, H, I, r) * 4
     act = max_T * k * (2 * H + 4 * I) * 4 * 4 + max_T * H * 2 * 8  # generous: saved activations, torch path
@@ -334,10 +334,45 @@ def run_preset(preset: wl.Preset, args, machine: dict) -> dict:
             log(f"{preset.name} T={T}: {ln}")
             expert_bytes = {m: w.weight_nbytes() / E for m, (w, _) in wrappers.items()}
             res["_raw"].append((T, n_touched, summ, expert_bytes))
+            for method, (w, _) in wrappers.items():
+                res["_stages"].append((method, T, n_touched, expert_bytes[method], profile_stages(w, inputs)))
     finally:
         for p in peers.values():
             p.close()
     return res
+
+
+# The GEMM stages of the native profile: (FLOPs per (token, expert) pair / (H I), share of an expert's weight
+# bytes the stage reads). The other stages (LoRA, activation packing, combine) are timed only.
+GEMM_STAGES = {"fwd_gate_up": (4, 2 / 3), "fwd_down": (2, 1 / 3), "bwd_down_act": (2, 1 / 3), "bwd_dx": (4, 2 / 3)}
+PROFILE_ROUNDS = 3
+
+
+def profile_stages(wrapper, inputs) -> Dict[str, Tuple[float, int]]:
+    """{stage: (seconds per step, calls)} of the native stage profile over PROFILE_ROUNDS steps."""
+    _core.profile_reset()
+    _core.profile_enable(True)
+    try:
+        for _ in range(PROFILE_ROUNDS):
+            _ktmoe_step(wrapper, inputs)
+    finally:
+        _core.profile_enable(False)
+    return {name: (sec / PROFILE_ROUNDS, calls) for name, (sec, _, calls) in _core.profile_read().items()}
+
+
+def _stage_rows(preset, method, T, n_touched, expert_bytes, stages, machine) -> List[dict]:
+    H, I, k = preset.H, preset.I, preset.k
+    rows = []
+    for name, (sec, _) in stages.items():
+        row = dict(preset=preset.name, method=method, T=T, stage=name, ms=sec * 1e3)
+        if name in GEMM_STAGES and sec > 0:
+            per_pair, share = GEMM_STAGES[name]
+            gflops = T * k * per_pair * H * I / sec / 1e9
+            gbps = n_touched * expert_bytes * share / sec / 1e9
+            row.update(gflops=gflops, pct_peak=100 * gflops / machine["peak_gflops"], weight_gbps=gbps,
+                       pct_bw=100 * gbps / machine["read_gbps"])
+        rows.append(row)
+    return rows
 
 
 def _rows(preset, r, T, n_touched, summ, expert_bytes, machine, peer_info) -> List[dict]:
@@ -434,5 +469,7 @@ def run(args) -> dict:
         for T, n_touched, summ, expert_bytes in p.pop("_raw", []):
             p["rows"].extend(_rows(preset, p["rank"], T, n_touched, summ, expert_bytes, machine,
                                    p.get("kt_kernel", {})))
+        for method, T, n_touched, eb, stages in p.pop("_stages", []):
+            p["stages"].extend(_stage_rows(preset, method, T, n_touched, eb, stages, machine))
     result["loadavg_end"] = _loadavg()
     return result
