@@ -6,10 +6,23 @@
  * costs more than the strided re-reads it saves.) */
 #include "internal.h"
 
+/* Rows ahead whose codes kt_decode_block prefetches: the rows of a block are a matrix row apart (the backward's
+ * NN blocks: a few hundred bytes per row, every row in another page), which the hardware prefetcher does not
+ * follow; without it the decode waits on memory for every row. */
+#define KT_DECODE_PFD 8
+
 void kt_decode_block(const kt_slots *S, const kt_wmat *w, int e, int r0, int nr, int c0, int nc, bf16_t *dst) {
     kt_decode_fn run = S->decode_run[w->fmt];
+    const int bits = kt_format_bits(w->fmt);
+    const size_t seg = ((size_t)nc * bits + 7) / 8 + 1; /* bytes of a row's codes (+1: an odd nibble start) */
     for (int r = 0; r < nr; r++) {
         int row = w->row0 + r0 + r;
+        if (r + KT_DECODE_PFD < nr) {
+            size_t at = ((size_t)e * w->rows + (size_t)(row + KT_DECODE_PFD)) * w->cols + (size_t)(w->col0 + c0);
+            const char *p = (const char *)w->data + at * bits / 8;
+            for (size_t off = 0; off < seg; off += 64) __builtin_prefetch(p + off);
+            __builtin_prefetch(p + seg - 1);
+        }
         bf16_t *d = dst + (size_t)r * nc;
         for (int c = 0; c < nc;) {
             int col = w->col0 + c0 + c;
