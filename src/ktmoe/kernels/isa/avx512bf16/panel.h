@@ -1,20 +1,22 @@
-/* The avx512bf16 packed-panel operand (the bop_* slots, contract in slots.h), for experts with enough rows.
+/* The avx512bf16 forward with packed activations (the xpack slots, contract in slots.h), for experts with
+ * at least blk.xpack_min_m rows.
  *
- * Why: the row-block kernels of gemm.h read the weights where they lie, so every row block re-reads (NT: the
- * activation rows from L2, once per 4 weight rows) or re-interleaves (NN: vpunpck per k pair) the same data.
- * Here a block of W is packed once per task into the layout vdpbf16ps wants as its B operand, and every row
- * of the expert then runs against that panel from L1:
+ * Why: the forward's products are NT (C = X W^T, W [N, K] rows with K contiguous). The row-block kernels of
+ * gemm.h ("dot" form) re-read the activation rows from L2 once per 4 weight rows, and packing W into the
+ * vdpbf16ps B layout costs a 16 x 16 transpose per 512 weights, once per use of every weight. Here the roles
+ * are swapped: C^T = W X^T, with W the broadcast operand read where it lies (a k pair of a weight row is one
+ * dword) and the expert's activation rows packed once per call (xpack, shared by every column block of gate,
+ * up, and by the tasks of both threads):
  *
- *   panel j (64 output columns), k pair p:  64 dwords, dword n = (B[2p][64j + n], B[2p + 1][64j + n])
+ *   lane group q (16 activation rows), k pair p: 16 dwords, dword i = (X[16q + i][2p], X[16q + i][2p + 1])
  *
- * zero-padded past N and (odd K) in the upper half of the last pair. NT blocks (W [N, K] rows, reduction
- * along the row) are packed with 16 x 16 dword transposes, NN blocks (W [K, N], reduction across rows) by
- * interleaving two rows (vpermt2w); quantized formats are decoded into bf16 rows first (kt_decode_block).
- *
- * Micro-kernel: MR (<= 6, balanced) rows x 64 columns = 24 accumulators; per k pair 4 panel loads, MR
- * 32-bit broadcasts of A, 4 x MR vdpbf16ps. K runs in chunks of KT_PN_KC pairs (a 32 KB slice of the panel
- * stays in L1 while every row block passes over it); the partial sums of later chunks are added into C.
- * An odd K's last pair broadcasts (A[K-1], 0) from one bf16, never reading past the end of a row.
+ * zero past M and in the upper half of an odd K's last pair. Micro-kernel: MR weight rows x NH lane groups
+ * (6 x 4 or 4 x 6: 24 accumulators); per k pair NH panel loads, MR dword broadcasts of W, MR x NH vdpbf16ps.
+ * The lane groups of a call are split into balanced operands of at most 6 groups (96 rows), so that an
+ * expert with 72 rows is one operand of 80 lanes, not 64 + 16. K runs in chunks (NH x 64 bytes per pair in
+ * L1 while every block of weight rows passes over it), the weight rows' next chunk prefetched as they go;
+ * C^T is written to C with 16 x 16 transposes. Quantized weights are decoded into bf16 rows first
+ * (kt_bop_prep_rows), which this reads like bf16 weights in place.
  */
 #ifndef KTMOE_AVX512BF16_PANEL_H
 #define KTMOE_AVX512BF16_PANEL_H
@@ -26,10 +28,7 @@
 
 #define KT_PN_AI static inline __attribute__((always_inline))
 
-#ifndef KT_PN_KC
-#define KT_PN_KC 128 /* k pairs per chunk: 128 x 256 bytes = 32 KB of panel (Zen 5 L1d 48 KB) */
-#endif
-#define KT_PN_MR 6
+#define KT_PN_MR 6 /* most weight rows per micro-kernel */
 
 /* ---- packing ---- */
 
