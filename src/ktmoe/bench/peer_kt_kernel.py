@@ -39,6 +39,21 @@ import traceback
 MARK = "@@KTMOE-PEER@@ "
 
 
+def _to_fp8_blocks(w):
+    """[R, C] float -> (e4m3 codes, fp32 scale_inv [R/128, C/128]): scale = amax / 448 per 128 x 128 block, the
+    quantization ktmoe's fp8 format uses when it packs from float (sizes must be multiples of 128 here)."""
+    import torch
+
+    R, C = w.shape
+    if R % 128 or C % 128:
+        raise ValueError(f"kt-kernel AMXFP8_SFT needs sizes that are multiples of 128, got {R} x {C}")
+    blocks = w.float().reshape(R // 128, 128, C // 128, 128)
+    scale = blocks.abs().amax(dim=(1, 3)) / 448.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (blocks / scale[:, None, :, None]).reshape(R, C).to(torch.float8_e4m3fn).contiguous()
+    return q, scale.contiguous()
+
+
 def reply(obj) -> None:
     sys.stdout.write(MARK + json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -81,7 +96,21 @@ def main() -> int:
             gate, up, down = (data.pop(n).contiguous() for n in ("gate", "up", "down"))
         else:
             gate, up, down = wl.make_weights(E, H, I, seed=int(cfg["seed"]))
-        w.load_weights_from_tensors(gate, up, down, torch.arange(E, dtype=torch.int64))
+        if cfg["method"] == "AMXFP8_SFT":  # it takes only per-expert e4m3 + 128 x 128 block scales
+            from kt_kernel.sft.weights import BlockFP8ExpertWeights
+
+            w.share_backward_bb = True  # its FP8 SFT builds the backward weights from one shared buffer pool
+
+            fp8 = {n: [_to_fp8_blocks(t[e]) for e in range(E)] for n, t in (("gate", gate), ("up", up),
+                                                                          ("down", down))}
+            w.load_block_fp8_weights(BlockFP8ExpertWeights(
+                gate_proj=[q for q, _ in fp8["gate"]], gate_scale=[s for _, s in fp8["gate"]],
+                up_proj=[q for q, _ in fp8["up"]], up_scale=[s for _, s in fp8["up"]],
+                down_proj=[q for q, _ in fp8["down"]], down_scale=[s for _, s in fp8["down"]]),
+                torch.arange(E, dtype=torch.int64))
+            del fp8
+        else:
+            w.load_weights_from_tensors(gate, up, down, torch.arange(E, dtype=torch.int64))
         del gate, up, down  # the caller's copy goes; what stays resident is kt-kernel's own
         gc.collect()
         if data is not None:
