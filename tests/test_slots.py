@@ -23,7 +23,7 @@ GEMM_SHAPES = [(1, 1, 1), (1, 7, 0), (3, 5, 17), (4, 4, 32), (5, 17, 33), (6, 64
 # past one GEMM chunk (blk.mc), odd K (int4 needs even columns of storage, not of the block)
 BOP_SHAPES = [(1, 5, 64), (3, 33, 40), (8, 16, 32), (17, 48, 100), (40, 70, 130), (200, 37, 66), (16, 129, 31),
               (23, 64, 301), (64, 200, 600),
-              (41, 64, 2048), (130, 300, 257)]
+              (41, 64, 2048), (130, 300, 257), (2, 9, 96), (4, 70, 320)]
 OUTER_SHAPES = [(1, 1, 1), (5, 3, 31), (17, 4, 64), (40, 16, 100), (3, 33, 257)]
 ACT_SIZES = [1, 31, 256]
 # The W8A8 product (M, N, K): fewer rows than a tile level's crossover (blk.tile_min_m = 8) and exactly it,
