@@ -1,0 +1,181 @@
+"""ktmoe.hf.from_pretrained: checkpoints as they ship (DeepSeek-V3 fp8, compressed-tensors int4, bf16 in both
+layouts) streamed shard by shard into ktmoe's packed experts, checked against plain transformers on the
+dequantized weights; bad input refused naming the file and key with no model returned; the memory bound measured
+in a subprocess next to transformers' from_pretrained + convert_model."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+import ktmoe.hf as kh  # noqa: E402
+from conftest import THREADS, rel  # noqa: E402
+from hf_checkpoints import (QWEN_CT, read_folder, write_deepseek_v3_fp8, write_qwen3_compressed_tensors,  # noqa: E402
+                            write_wide_bf16)
+from ktmoe.convert import ConvertError  # noqa: E402
+from ktmoe.lora import LORA_NAMES  # noqa: E402
+from test_fp8 import deepseek_dequant  # noqa: E402
+from tolerances import HF_LOGITS_RTOL  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def tokens(seed=0, batch=2, seq=10, vocab=64):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def dsv3(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dsv3") / "ckpt"
+    ref = write_deepseek_v3_fp8(folder)
+    return str(folder), ref
+
+
+def _plain(folder, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+# ------------------------------------------------------------------------------------------ DeepSeek-V3 fp8
+def test_deepseek_v3_fp8_logits_match_plain_transformers_on_dequantized_weights(dsv3):
+    folder, ref_dir = dsv3
+    shards = [n for n in os.listdir(folder) if n.endswith(".safetensors")]
+    assert len(shards) >= 3 and os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))
+    model = kh.from_pretrained(folder, method="AMXFP8_SFT", lora_rank=4, lora_alpha=8.0, dtype=torch.float32,
+                               cpuinfer_threads=THREADS, progress=False)
+    ref = _plain(ref_dir)
+    experts = kh.routed_experts(model)
+    assert sorted(experts) == ["model.layers.1.mlp.experts", "model.layers.2.mlp.experts"]
+    assert all(m.wrapper.method == "AMXFP8_SFT" for m in experts.values())
+    assert getattr(model.config, "quantization_config", None) is None
+    # every non-expert parameter is exactly the reference's (fp8 linears dequantized the same way)
+    ref_sd = ref.state_dict()
+    for n, p in model.named_parameters():
+        if n in ref_sd:
+            assert p.dtype == ref_sd[n].dtype, n
+            assert torch.equal(p, ref_sd[n]), n
+    # the experts hold DeepSeek's own dequantization, bit for bit
+    shipped = read_folder(folder)
+    for name, m in experts.items():
+        layer = name.split(".")[2]
+        for proj, got in zip(("gate_proj", "up_proj", "down_proj"), m.wrapper.dequantized_weights()):
+            keys = [f"model.layers.{layer}.mlp.experts.{e}.{proj}" for e in range(m.num_experts)]
+            w = torch.stack([shipped[k + ".weight"] for k in keys])
+            s = torch.stack([shipped[k + ".weight_scale_inv"] for k in keys])
+            assert torch.equal(got, deepseek_dequant(w, s, (128, 128)).float())
+    x = tokens()
+    with torch.no_grad():
+        got, want = model(x).logits, ref(x).logits
+    print(f"from_pretrained vs plain transformers on the dequantized weights: logits rel-L2 {rel(got, want):.2e}")
+    assert rel(got, want) < HF_LOGITS_RTOL, rel(got, want)
+
+
+def test_deepseek_v3_fp8_trains_and_generates(dsv3):
+    folder, _ = dsv3
+    model = kh.from_pretrained(folder, method="AMXFP8_SFT", lora_rank=4, lora_alpha=8.0, dtype=torch.float32,
+                               cpuinfer_threads=THREADS, progress=False, seed=0)
+    pm = kh.add_lora(model, r=4, lora_alpha=8.0)
+    params = [p for _, p in kh.trainable_parameters(pm)]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    x = tokens(1)
+    losses = []
+    pm.train()
+    for _ in range(3):
+        loss = pm(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    for m in kh.routed_experts(pm).values():
+        assert all(p.requires_grad for p in m.lora_parameters)
+    pm.eval()
+    with torch.no_grad():
+        out = pm.generate(x[:1, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+def test_fp8_checkpoint_into_bf16_and_int4(dsv3):
+    folder, ref_dir = dsv3
+    ref = _plain(ref_dir)
+    x = tokens()
+    with torch.no_grad():
+        want = ref(x).logits
+    bf = kh.from_pretrained(folder, method="AMXBF16_SFT", lora_rank=2, lora_alpha=4.0, dtype=torch.float32,
+                            cpuinfer_threads=THREADS, progress=False)
+    with torch.no_grad():
+        assert rel(bf(x).logits, want) < HF_LOGITS_RTOL
+    q = kh.from_pretrained(folder, mode="inference", method="AMXINT4", dtype=torch.float32,
+                           cpuinfer_threads=THREADS, progress=False)
+    m = kh.routed_experts(q)["model.layers.1.mlp.experts"]
+    assert m.wrapper.method == "AMXINT4"
+    with torch.no_grad():
+        assert rel(q(x).logits, want) < 0.3  # int4 re-quantization of the dequantized experts
+
+
+def test_bf16_dtype_model(dsv3):
+    """dtype='auto' takes the config's bf16; the router keeps fp32 (_keep_in_fp32_modules_strict)."""
+    folder, ref_dir = dsv3
+    model = kh.from_pretrained(folder, method="AMXFP8_SFT", lora_rank=2, lora_alpha=4.0, cpuinfer_threads=THREADS,
+                               progress=False)
+    ref = _plain(ref_dir, dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    ref_sd = ref.state_dict()
+    for n, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if n in ref_sd:
+            assert p.dtype == ref_sd[n].dtype and torch.equal(p, ref_sd[n]), n
+    x = tokens()
+    with torch.no_grad():
+        assert rel(model(x).logits.float(), ref(x).logits.float()) < 3e-2  # bf16 model end to end
+
+
+# ------------------------------------------------------------------------------------- compressed-tensors int4
+def test_compressed_tensors_int4_adopted_bit_for_bit(tmp_path):
+    deq = write_qwen3_compressed_tensors(tmp_path / "ct")
+    model = kh.from_pretrained(str(tmp_path / "ct"), method="AMXINT4_KGroup_SFT", lora_rank=2, lora_alpha=4.0,
+                               cpuinfer_threads=THREADS, progress=False, dtype=torch.float32)
+    experts = kh.routed_experts(model)
+    assert len(experts) == QWEN_CT["num_hidden_layers"]
+    for name, m in experts.items():
+        assert m.wrapper.group_size == 32 or m.wrapper._weights[0].group == 32
+        for proj, got in zip(("gate_proj", "up_proj", "down_proj"), m.wrapper.dequantized_weights()):
+            want = torch.stack([deq[f"{name}.{e}.{proj}"] for e in range(m.num_experts)])
+            assert torch.equal(got, want.float()), (name, proj)
+    with torch.no_grad():
+        assert torch.isfinite(model(tokens()).logits).all()
+
+
+# ----------------------------------------------------------------------------------------------- bf16, v5 fused
+@pytest.mark.parametrize("fused", [False, True], ids=["per_expert", "fused"])
+def test_bf16_checkpoint_matches_convert_model(tmp_path, fused):
+    from transformers import AutoModelForCausalLM
+
+    small = dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=48, num_experts=4, head_dim=16,
+                 num_hidden_layers=2)
+    kh_model = kh.tiny_model("qwen3_moe", seed=3, **{**QWEN_CT, **small}).to(torch.bfloat16)
+    folder = tmp_path / "m"
+    kh_model.save_pretrained(folder, save_original_format=not fused)
+    ours = kh.from_pretrained(str(folder), lora_rank=2, lora_alpha=4.0, seed=5, cpuinfer_threads=THREADS,
+                              progress=False)
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    kh.convert_model(theirs, lora_rank=2, lora_alpha=4.0, seed=5, cpuinfer_threads=THREADS)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    for (n1, m1), (n2, m2) in zip(kh.routed_experts(ours).items(), kh.routed_experts(theirs).items()):
+        assert n1 == n2
+        for x, y in zip(m1.wrapper.dequantized_weights(), m2.wrapper.dequantized_weights()):
+            assert torch.equal(x, y)
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(ours(x).logits, theirs(x).logits)
