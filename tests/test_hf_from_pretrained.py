@@ -179,3 +179,104 @@ def test_bf16_checkpoint_matches_convert_model(tmp_path, fused):
     x = tokens()
     with torch.no_grad():
         assert torch.equal(ours(x).logits, theirs(x).logits)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+_X = "model.layers.2.mlp.experts"
+_A = "model.layers.0.self_attn"
+
+
+def _set(key, value):
+    return lambda t: t.__setitem__(key, value)
+
+
+def _poke(key, index, value):
+    def f(t):
+        t[key] = t[key].clone()
+        t[key].view(torch.uint8 if t[key].dtype == torch.float8_e4m3fn else t[key].dtype)[index] = value
+    return f
+
+
+BAD = [
+    ("expert_scale_missing", lambda t: t.pop(f"{_X}.3.up_proj.weight_scale_inv"),
+     rf"layer 2: expert 3's up projection has \['weight'\] but no weight_scale_inv \(tensor key {_X}.3.up_proj"),
+    ("expert_scale_misshaped", _set(f"{_X}.1.down_proj.weight_scale_inv", torch.ones(1, 1)),
+     rf"tensor key '{_X}.1.down_proj.weight_scale_inv' has shape \[1, 1\], expected \[2, 2\]"),
+    ("expert_scale_nan", _poke(f"{_X}.0.gate_proj.weight_scale_inv", (0, 1), float("nan")),
+     rf"tensor key '{_X}.0.gate_proj.weight_scale_inv' holds non-finite scales"),
+    ("expert_nan_code", _poke(f"{_X}.1.gate_proj.weight", (3, 4), 0x7F),
+     rf"tensor key '{_X}.1.gate_proj.weight' \(layer 2, expert 1's gate_proj\): weight holds a NaN float8 code"),
+    ("attn_scale_missing", lambda t: t.pop(f"{_A}.q_b_proj.weight_scale_inv"),
+     rf"tensor key '{_A}.q_b_proj.weight' is fp8 but has no scales \(tensor key '{_A}.q_b_proj.weight_scale_inv'"),
+    ("attn_scale_misshaped", _set(f"{_A}.o_proj.weight_scale_inv", torch.ones(3, 3)),
+     rf"tensor key '{_A}.o_proj.weight_scale_inv' is F32 \[3, 3\], expected F32 \(or BF16 / F16\) \[2, 1\]"),
+    ("attn_scale_inf", _poke(f"{_A}.kv_b_proj.weight_scale_inv", (0, 0), float("inf")),
+     rf"tensor key '{_A}.kv_b_proj.weight_scale_inv' holds non-finite scales"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_fp8_checkpoint_is_refused_naming_file_and_key(tmp_path, case):
+    _, mutate, msg = case
+    write_deepseek_v3_fp8(tmp_path / "ckpt", mutate=mutate)
+    model = None
+    with pytest.raises(ConvertError, match=msg) as ei:
+        model = kh.from_pretrained(str(tmp_path / "ckpt"), method="AMXFP8_SFT", lora_rank=2, lora_alpha=4.0,
+                                   cpuinfer_threads=THREADS, progress=False)
+    assert model is None
+    assert ".safetensors" in str(ei.value)  # the file
+
+
+def test_unknown_quantization_config_is_refused(tmp_path):
+    write_deepseek_v3_fp8(tmp_path / "ckpt")
+    cfg_path = tmp_path / "ckpt" / "config.json"
+    for qc, msg in ((dict(quant_method="gptq", bits=4), r"config.json: key 'quantization_config.quant_method' is "
+                                                         r"'gptq'"),
+                    (dict(quant_method="fp8", fmt="e5m2", weight_block_size=[128, 128]),
+                     r"config.json: key 'quantization_config.fmt' is 'e5m2'"),
+                    (dict(quant_method="fp8", fmt="e4m3"), r"quantization_config.weight_block_size must be two")):
+        cfg = json.loads(cfg_path.read_text())
+        cfg["quantization_config"] = qc
+        cfg_path.write_text(json.dumps(cfg))
+        with pytest.raises(ConvertError, match=msg):
+            kh.from_pretrained(str(tmp_path / "ckpt"), method="AMXFP8_SFT", lora_rank=2, lora_alpha=4.0,
+                               cpuinfer_threads=THREADS, progress=False)
+
+
+def test_fp8_tensors_without_quantization_config_are_refused(tmp_path):
+    write_deepseek_v3_fp8(tmp_path / "ckpt")
+    cfg_path = tmp_path / "ckpt" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["quantization_config"]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ConvertError, match=r"\.safetensors: tensor key .* (weight_scale_inv tensor is not part|is "
+                                           r"float8_e4m3fn but config.json has no fp8)"):
+        kh.from_pretrained(str(tmp_path / "ckpt"), method="AMXFP8_SFT", lora_rank=2, lora_alpha=4.0,
+                           cpuinfer_threads=THREADS, progress=False)
+
+
+@pytest.mark.parametrize("cut", ["data", "header"])
+def test_truncated_shard_is_refused(tmp_path, cut):
+    write_deepseek_v3_fp8(tmp_path / "ckpt")
+    shard = tmp_path / "ckpt" / "model-00002-of-00004.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1000] if cut == "data" else data[:100])
+    with pytest.raises(ConvertError, match=r"model-00002-of-00004.safetensors: not a readable safetensors file "
+                                           r"\(truncated or corrupt\?\)"):
+        kh.from_pretrained(str(tmp_path / "ckpt"), method="AMXFP8_SFT", lora_rank=2, lora_alpha=4.0,
+                           cpuinfer_threads=THREADS, progress=False)
+
+
+def test_missing_non_expert_key_is_refused(tmp_path):
+    write_deepseek_v3_fp8(tmp_path / "ckpt", mutate=lambda t: t.pop("model.layers.1.input_layernorm.weight"))
+    with pytest.raises(ConvertError, match=r"no tensor key loads the model's model.layers.1.input_layernorm.weight"):
+        kh.from_pretrained(str(tmp_path / "ckpt"), method="AMXFP8_SFT", lora_rank=2, lora_alpha=4.0,
+                           cpuinfer_threads=THREADS, progress=False)
+
+
+def test_misshaped_non_expert_key_is_refused(tmp_path):
+    write_deepseek_v3_fp8(tmp_path / "ckpt", mutate=_set("model.norm.weight", torch.ones(7, dtype=torch.bfloat16)))
+    with pytest.raises(ConvertError, match=r"safetensors: tensor key 'model.norm.weight' has shape \[7\], the "
+                                           r"model's model.norm.weight is \[200\]"):
+        kh.from_pretrained(str(tmp_path / "ckpt"), method="AMXFP8_SFT", lora_rank=2, lora_alpha=4.0,
+                           cpuinfer_threads=THREADS, progress=False)
