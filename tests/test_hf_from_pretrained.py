@@ -94,7 +94,7 @@ def test_deepseek_v3_fp8_trains_and_generates(dsv3):
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     for m in kh.routed_experts(pm).values():
         assert all(p.requires_grad for p in m.lora_parameters)
@@ -280,3 +280,59 @@ def test_misshaped_non_expert_key_is_refused(tmp_path):
                                            r"model's model.norm.weight is \[200\]"):
         kh.from_pretrained(str(tmp_path / "ckpt"), method="AMXFP8_SFT", lora_rank=2, lora_alpha=4.0,
                            cpuinfer_threads=THREADS, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------- memory
+_MEASURE = textwrap.dedent("""
+    import json, sys
+    import torch, safetensors.torch, transformers
+    from transformers import AutoModelForCausalLM
+    import ktmoe, ktmoe.hf as kh
+    torch.set_num_threads(1)
+    def status(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    how, folder = sys.argv[1], sys.argv[2]
+    base = status("VmRSS")
+    try:  # the peak so far is the imports': start the high-water mark again from here
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    if how == "ktmoe":
+        model = kh.from_pretrained(folder, lora_rank=4, lora_alpha=8.0, cpuinfer_threads=2, progress=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+        kh.convert_model(model, lora_rank=4, lora_alpha=8.0, cpuinfer_threads=2)
+    peak = status("VmHWM") - base
+    experts = kh.routed_experts(model)
+    packed = sum(m.wrapper.weight_nbytes() for m in experts.values())
+    params = sum(p.numel() * p.element_size() for p in model.parameters())  # non-expert + the expert LoRA
+    print(json.dumps(dict(peak=peak, packed=packed, params=params)))
+""")
+
+
+def _measure(how, folder):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, how, folder], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_peak_rss_within_packed_plus_params_plus_one_shard(tmp_path, capsys):
+    folder = tmp_path / "wide"
+    write_wide_bf16(folder)
+    shard = max(os.path.getsize(folder / n) for n in os.listdir(folder) if n.endswith(".safetensors"))
+    ours = _measure("ktmoe", str(folder))
+    theirs = _measure("transformers", str(folder))
+    bound = ours["packed"] + ours["params"] + shard
+    mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+    with capsys.disabled():
+        print(f"\npeak RSS growth, wide bf16 Qwen3-MoE (routed experts {mib(ours['packed'])}, other parameters + "
+              f"expert LoRA {mib(ours['params'])}, largest shard {mib(shard)}; bound {mib(bound)} + 10%):\n"
+              f"  ktmoe.hf.from_pretrained:                          {mib(ours['peak'])}\n"
+              f"  transformers from_pretrained + ktmoe convert_model: {mib(theirs['peak'])}")
+    assert ours["peak"] <= 1.1 * bound, (ours, shard)

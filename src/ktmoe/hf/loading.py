@@ -153,6 +153,8 @@ class _LayerBuild:
         if all(k in parts for k in self.kinds):  # the expert's linear is whole (its parts may span shards)
             del self.pending[(which, e)]
             self._fill(which, e, self._packed(ckpt, which, e, parts))
+        else:  # waits for a part in a later shard: an own copy, not a view keeping this shard's map alive
+            parts[kind] = (key, t.clone())
 
     def add_float(self, ckpt: Checkpoint, which: str, e: int, key: str, w: torch.Tensor) -> None:
         self._fill(which, e, self._packed(ckpt, which, e, {"weight": (key, w)}))
@@ -562,7 +564,7 @@ def _load_param(ckpt, model, plan, key, expected, dt, dplan, qinfo, pending, sca
         if main in pending:
             _finish_param(ckpt, model, plan, main, pending.pop(main), ckpt.get_tensor(key), expected, dt, dplan, qinfo)
         elif ckpt.key_file[main] != ckpt.key_file[key] and main not in plan.done:
-            scales[key] = ckpt.get_tensor(key)
+            scales[key] = ckpt.get_tensor(key).clone()  # not a view into this shard's map (see _own)
         return
     name, scale_key, kind = plan.param[key]
     t = ckpt.get_tensor(key)
@@ -573,7 +575,15 @@ def _load_param(ckpt, model, plan, key, expected, dt, dplan, qinfo, pending, sca
     elif ckpt.key_file[scale_key] == ckpt.key_file[key]:
         _finish_param(ckpt, model, plan, key, t, ckpt.get_tensor(scale_key), expected, dt, dplan, qinfo)
     else:
-        pending[key] = t
+        pending[key] = t.clone()
+
+
+def _own(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, in memory of its own: safetensors hands out views into the shard's memory map, and a parameter
+    left as such a view would keep the whole map, with every page this load touched (the experts' too), resident."""
+    out = torch.empty(t.shape, dtype=dtype)
+    out.copy_(t)
+    return out
 
 
 def _finish_param(ckpt, model, plan, key, t, scale, expected, dt, dplan, qinfo) -> None:
@@ -581,10 +591,10 @@ def _finish_param(ckpt, model, plan, key, t, scale, expected, dt, dplan, qinfo) 
     if kind != "plain":
         t = _dequantized_param(ckpt, key, t, scale, kind, qinfo)
     meta = expected[name]
+    want = t.dtype
     if t.is_floating_point():
         want = dplan(name) or (meta.dtype if meta.dtype != dt and meta.is_floating_point() else dt)
-        t = t.to(want)
-    _set_tensor(model, name, t)
+    _set_tensor(model, name, _own(t, want))
     plan.done.add(key)
 
 
