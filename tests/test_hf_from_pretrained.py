@@ -336,3 +336,15 @@ def test_peak_rss_within_packed_plus_params_plus_one_shard(tmp_path, capsys):
               f"  ktmoe.hf.from_pretrained:                          {mib(ours['peak'])}\n"
               f"  transformers from_pretrained + ktmoe convert_model: {mib(theirs['peak'])}")
     assert ours["peak"] <= 1.1 * bound, (ours, shard)
+
+
+def test_bad_arguments_are_refused_before_reading(dsv3):
+    folder, _ = dsv3
+    with pytest.raises(TypeError, match=r"from_pretrained\(\) got unexpected keyword argument\(s\) lora_rnak"):
+        kh.from_pretrained(folder, lora_rnak=2, lora_alpha=4.0)
+    with pytest.raises(TypeError, match=r"from_pretrained\(\): hidden_size come\(s\) from the model's config"):
+        kh.from_pretrained(folder, lora_rank=2, lora_alpha=4.0, hidden_size=8)
+    with pytest.raises(TypeError, match=r"from_pretrained\(mode='sft'\) needs lora_rank= and lora_alpha="):
+        kh.from_pretrained(folder)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        kh.from_pretrained(folder + "_nope", lora_rank=2, lora_alpha=4.0)

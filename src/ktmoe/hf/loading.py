@@ -405,7 +405,7 @@ def from_pretrained(model_dir: str, *, method: Optional[str] = None, lora_rank: 
     if method is None:
         method = DEFAULT_SFT_METHOD if mode == "sft" else DEFAULT_INFERENCE_METHOD
     per_group = _check_options(mode, method, lora_rank, lora_alpha, None, group_size, lora_dropout, num_gpu_experts,
-                               wrapper_options)
+                               wrapper_options, who="from_pretrained")
     lora_rank = 0 if lora_rank is None else lora_rank
     lora_alpha = 1.0 if lora_alpha is None else lora_alpha
     fmt = REGISTRY[method].weight_format
