@@ -1,6 +1,7 @@
 """The training job: `python -m ktmoe.train` (embedded default, local checkpoint + data), config checking,
 data loading, resume."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -74,6 +75,13 @@ def test_gradient_checkpointing_job(tmp_path):
 # ------------------------------------------------------------------ a local checkpoint with its own tokenizer
 
 def _save_tiny_checkpoint(path):
+    fast = _save_tokenizer(path)
+    model = kh.tiny_model("mixtral", seed=0, vocab_size=len(fast))
+    model.save_pretrained(path)
+    return fast
+
+
+def _save_tokenizer(path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -87,8 +95,6 @@ def _save_tiny_checkpoint(path):
     fast.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eos|>{% endfor %}"
                           "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     fast.save_pretrained(path)
-    model = kh.tiny_model("mixtral", seed=0, vocab_size=len(fast))
-    model.save_pretrained(path)
     return fast
 
 
@@ -114,6 +120,30 @@ def test_local_checkpoint_with_sharegpt_data(tmp_path):
     ids, labels = D.tokenize_conversation(tok, D.record_to_messages(rows[0]), 256)
     trained = tok.decode([i for i, l in zip(ids, labels) if l != D.IGNORE_INDEX])
     assert trained == "alpha<|eos|>alpha alpha<|eos|>"
+
+
+def test_train_model_dir_streams_a_shipped_fp8_deepseek_v3(tmp_path):
+    """`python -m ktmoe.train --model DIR` on DeepSeek-V3 as DeepSeek ships it (fp8 experts and attention, several
+    shards): loaded through ktmoe.hf.from_pretrained (the experts adopted as fp8, never a float copy), trains."""
+    from hf_checkpoints import write_deepseek_v3_fp8
+
+    fast = _save_tokenizer(tmp_path / "tok")
+    write_deepseek_v3_fp8(tmp_path / "model", vocab_size=len(fast))
+    fast.save_pretrained(tmp_path / "model")
+    rows = [{"instruction": f"say {w}", "output": w} for w in ("alpha", "beta", "gamma", "delta")]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "ktmoe.train", "--model", str(tmp_path / "model"), "--data",
+                           str(data), "--steps", "2", "--batch-size", "2", "--output-dir", str(out),
+                           "--method", "AMXFP8_SFT", "--lora-rank", "2", "--cpuinfer-threads", str(THREADS)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ktmoe.from_pretrained" in proc.stderr  # the progress bar over shards
+    assert "AMXFP8_SFT" in proc.stdout and "ktmoe.train summary" in proc.stdout
+    state = torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=False)
+    assert len(state["losses"]) == 2 and all(map(math.isfinite, state["losses"]))
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
 # ------------------------------------------------------------------ configuration

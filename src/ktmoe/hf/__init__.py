@@ -2,6 +2,8 @@
 
     model = AutoModelForCausalLM.from_pretrained(...)            # or any qwen3_moe / qwen2_moe / mixtral /
     ktmoe.hf.convert_model(model, lora_rank=8, lora_alpha=16)    #    deepseek_v2 / deepseek_v3 model
+    # or, streaming the experts from the shards (fp8 / compressed-tensors int4 checkpoints as they ship):
+    model = ktmoe.hf.from_pretrained(DIR, method="AMXFP8_SFT", lora_rank=8, lora_alpha=16)
     model.to("cuda")                                             # everything but the routed experts
     model = ktmoe.hf.add_lora(model, r=8, lora_alpha=16)         # PEFT LoRA on attention
     ... train: every parameter with requires_grad (attention LoRA + expert LoRA) in one optimizer ...
@@ -25,8 +27,9 @@ from .adapter import (add_lora, adapter_state_dict, block_diagonal_mask, expert_
 from .convert import base_model_of, convert_model, default_group_size, routed_experts, unwrap_model
 from .experts import KTMoEHFExperts, live_saved_forwards
 from .families import MoEFamily, families, get_family, tiny_model
+from .loading import from_pretrained
 
-__all__ = ["convert_model", "routed_experts", "base_model_of", "unwrap_model", "default_group_size", "KTMoEHFExperts", "live_saved_forwards",
+__all__ = ["from_pretrained", "convert_model", "routed_experts", "base_model_of", "unwrap_model", "default_group_size", "KTMoEHFExperts", "live_saved_forwards",
            "MoEFamily", "families", "get_family", "tiny_model", "add_lora", "trainable_parameters", "lora_config",
            "expert_lora_to_peft", "peft_to_expert_lora", "block_diagonal_mask", "adapter_state_dict",
            "save_adapter", "read_adapter", "load_adapter", "from_adapter", "peft_reference",

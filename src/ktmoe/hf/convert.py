@@ -80,21 +80,22 @@ _FROM_MODEL = ("layer_idx", "num_experts", "num_experts_per_tok", "hidden_size",
 
 
 def _check_options(mode, method, lora_rank, lora_alpha, weight_path, group_size, lora_dropout, num_gpu_experts,
-                   extra: dict):
+                   extra: dict, who: str = "convert_model"):
     from ..methods import REGISTRY, check_method
 
     bad_shape = sorted(k for k in extra if k in _FROM_MODEL)
     if bad_shape:
-        raise TypeError(f"convert_model(): {', '.join(bad_shape)} come(s) from the model's config and may not be "
+        raise TypeError(f"{who}(): {', '.join(bad_shape)} come(s) from the model's config and may not be "
                         "given")
     unknown = sorted(k for k in extra if k not in _WRAPPER_OPTIONS)
     if unknown:
-        raise TypeError(f"convert_model() got unexpected keyword argument(s) {', '.join(unknown)}; valid: mode, "
-                        f"method, lora_rank, lora_alpha, cpuinfer_threads, threadpool_count, weight_path, group_size, "
+        raise TypeError(f"{who}() got unexpected keyword argument(s) {', '.join(unknown)}; valid: mode, "
+                        f"method, lora_rank, lora_alpha, cpuinfer_threads, threadpool_count, "
+                        f"{'dtype, progress' if who != 'convert_model' else 'weight_path'}, group_size, "
                         f"seed, generator, {', '.join(_WRAPPER_OPTIONS)}")
     check_method(mode, method)
     if mode == "sft" and (lora_rank is None or lora_alpha is None):
-        raise TypeError("convert_model(mode='sft') needs lora_rank= and lora_alpha=")
+        raise TypeError(f"{who}(mode='sft') needs lora_rank= and lora_alpha=")
     if lora_rank is not None and (not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank < 0):
         raise ValueError(f"lora_rank must be a non-negative int, got {lora_rank!r}")
     if lora_rank and lora_alpha is None:

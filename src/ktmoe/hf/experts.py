@@ -119,11 +119,14 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
     def __init__(self, gate_proj, up_proj, down_proj, *, num_experts_per_tok: int, lora_rank: int,
                  lora_alpha: float, source: str = "", mode: str = "sft", method: str = "AMXBF16_SFT",
                  layer_idx: int = 0, generator: Optional[torch.Generator] = None, weight_path: Optional[str] = None,
-                 shape: Optional[Tuple[int, int, int]] = None, **wrapper_kwargs):
+                 shape: Optional[Tuple[int, int, int]] = None, packed: Optional[tuple] = None,
+                 **wrapper_kwargs):
         nn.Module.__init__(self)
         from ..experts import KTMoEWrapper  # late: experts imports the sft package
 
-        if weight_path is None:
+        if packed is not None:  # (gate, up, down) Packed in the method's format, handed over (streaming loader)
+            E, I, H = packed[0].shape
+        elif weight_path is None:
             if gate_proj.dim() != 3 or down_proj.dim() != 3:
                 raise ValueError(f"gate_proj must be [E, I, H] and down_proj [E, H, I], got "
                                  f"{tuple(gate_proj.shape)} and {tuple(down_proj.shape)}")
@@ -137,7 +140,9 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
                                   lora_rank=lora_rank, lora_alpha=lora_alpha, weight_path=weight_path,
                                   **wrapper_kwargs)
         self.wrapper = KTMoEWrapper(**self._wrapper_args)
-        if weight_path is None:
+        if packed is not None:
+            self.wrapper.load_packed_weights(*packed, copy=False)
+        elif weight_path is None:
             self.wrapper.load_weights_from_tensors(gate_proj, up_proj, down_proj)
         else:
             self.wrapper.load_weights()

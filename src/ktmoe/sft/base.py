@@ -210,7 +210,7 @@ class BaseSFTMoEWrapper:
         self._bind_weights(tuple(packed))
 
     def load_packed_weights(self, gate, up, down, *, source_format=None,
-                            physical_to_logical_map: Optional[torch.Tensor] = None) -> None:
+                            physical_to_logical_map: Optional[torch.Tensor] = None, copy: bool = True) -> None:
         """Loads weights that are already quantized: three `ktmoe.formats.Packed` (gate, up [E, I, H], down
         [E, H, I]), e.g. a checkpoint's own codes and scales adopted with `FORMATS[name].adopt(...)` or
         `ktmoe.formats.compressed_tensors.adopt_pack_quantized(...)`.
@@ -220,7 +220,9 @@ class BaseSFTMoEWrapper:
         the tensors carry (an adopted group of 32 stays 32, whatever group_size says). Another format is
         converted from its dequantized values (pack() of the method's format with this wrapper's group_size),
         one projection at a time; a pair that cannot be converted raises ValueError naming the argument. The
-        wrapper copies what it keeps: the caller may free or reuse its tensors afterwards."""
+        wrapper copies what it keeps: the caller may free or reuse its tensors afterwards. copy=False (same format,
+        no map, contiguous tensors): the wrapper takes the given tensors as they are, without a second copy of the
+        layer (a streaming loader that filled them for this wrapper; the caller must not write them afterwards)."""
         from ..formats import FORMATS
 
         fmt = self.weight_format
@@ -241,7 +243,9 @@ class BaseSFTMoEWrapper:
         packed = []
         for name, p in zip(names, given):
             if same:
-                part = lambda t: None if t is None else (t.clone() if order is None else t[order])  # noqa: E731
+                take = not copy and order is None
+                part = lambda t: None if t is None else (  # noqa: E731
+                    t if take else t.clone() if order is None else t[order])
                 packed.append(Packed(part(p.data).contiguous(), part(p.scale), part(p.zero), tuple(p.shape),
                                      p.group, p.block_rows))
                 continue

@@ -118,10 +118,23 @@ def build_base_model(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
     return model
 
 
+def load_ktmoe_model(cfg: TrainConfig, dtype: torch.dtype) -> torch.nn.Module:
+    """A local checkpoint through ktmoe's streaming loader: the routed experts go from the shards straight into
+    the method's packed format (fp8 and compressed-tensors checkpoints as they ship), never as a float copy."""
+    model = hf.from_pretrained(cfg.model, method=cfg.method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                               seed=cfg.seed + 1, cpuinfer_threads=cfg.cpuinfer_threads,
+                               threadpool_count=cfg.threadpool_count, dtype=dtype, progress=cfg.progress)
+    model.config.use_cache = False
+    return model
+
+
 def setup_ktmoe(cfg: TrainConfig, base: torch.nn.Module, device: torch.device, dtype: torch.dtype):
-    """Converts `base` in place, moves the non-expert part to device/dtype, adds PEFT LoRA on target_modules."""
-    hf.convert_model(base, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, seed=cfg.seed + 1,
-                     cpuinfer_threads=cfg.cpuinfer_threads, threadpool_count=cfg.threadpool_count, method=cfg.method)
+    """Converts `base` in place (unless it was loaded converted, `load_ktmoe_model`), moves the non-expert part to
+    device/dtype, adds PEFT LoRA on target_modules."""
+    if not hf.routed_experts(base):
+        hf.convert_model(base, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, seed=cfg.seed + 1,
+                         cpuinfer_threads=cfg.cpuinfer_threads, threadpool_count=cfg.threadpool_count,
+                         method=cfg.method)
     base.to(device=device, dtype=dtype)
     torch.manual_seed(cfg.seed + 2)  # PEFT's LoRA init
     model = hf.add_lora(base, r=cfg.resolved_attn_rank, lora_alpha=cfg.resolved_attn_alpha,
@@ -335,7 +348,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     total = cfg.resolved_steps(batches.steps_per_epoch)
     compare = cfg.resolved_compare and cfg.resume is None
 
-    base = build_base_model(cfg, tokenizer)
+    base = build_base_model(cfg, tokenizer) if cfg.model is None else load_ktmoe_model(cfg, dtype)
     ref_base = copy.deepcopy(base) if compare and cfg.model is None else None
     model = setup_ktmoe(cfg, base, device, dtype)
     init_sd, init_lcfg = hf.adapter_state_dict(model) if compare else (None, None)
