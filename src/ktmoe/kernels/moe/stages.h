@@ -640,22 +640,37 @@ static int kt_stages_forward(const kt_slots *S, kt_ctx *ctx, const kt_layer *L, 
 /* ---- backward ---- */
 
 /* bd = Bd^T dy for every pair (shared by parts). Task = active expert. */
+/* bd[p] = Bd^T dy[p] for the expert's pairs, Bd [H, r] read in place: each row of Bd (r floats) is one vector
+ * operand for 4 pairs at a time (a transpose of Bd for a dot-form GEMM cost more than the product itself). */
 static void bwd_lora_dy_task(void *arg, int part, int task, int tid) {
     (void)part;
+    (void)tid;
     stage_args *a = arg;
     const kt_ctx *ctx = a->ctx;
     int e = a->active[task], r = ctx->r, H = ctx->H;
-    float *bdT = kt_scratch(a->eng, tid, sizeof(float) * (size_t)r * H);
-    if (!bdT) {
-        fail(a, 2, 0);
-        return;
-    }
-    transpose_f32(a->L->down_b + (size_t)e * H * r, (size_t)r, H, r, bdT, (size_t)H);
-    const bf16_t *rows[KT_MAX_MC];
-    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += a->mc) {
-        int m = (int)zmin((size_t)a->mc, (size_t)(ctx->expert_off[e + 1] - p0));
-        rows_by_token(rows, ctx, a->dyb, (size_t)H, p0, m);
-        a->S->gemm_nt(m, r, H, rows, bdT, (size_t)H, 1, a->bd + (size_t)p0 * r, (size_t)r);
+    const float *Bd = a->L->down_b + (size_t)e * H * r;
+    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += 4) {
+        int m = (int)zmin(4, (size_t)(ctx->expert_off[e + 1] - p0));
+        const bf16_t *dy[4];
+        rows_by_token(dy, ctx, a->dyb, (size_t)H, p0, m);
+        for (int i = m; i < 4; i++) dy[i] = dy[0]; /* (computed, not stored) */
+        float *out = a->bd + (size_t)p0 * r;
+        for (int j0 = 0; j0 < r; j0 += 32) {
+            const int jb = r - j0 < 32 ? r - j0 : 32;
+            float acc[4][32] = {{0}};
+            for (int h = 0; h < H; h++) {
+                const float *b = Bd + (size_t)h * r + j0;
+                const float d0 = kt_bf(dy[0][h]), d1 = kt_bf(dy[1][h]), d2 = kt_bf(dy[2][h]), d3 = kt_bf(dy[3][h]);
+#pragma omp simd
+                for (int j = 0; j < jb; j++) {
+                    acc[0][j] += d0 * b[j];
+                    acc[1][j] += d1 * b[j];
+                    acc[2][j] += d2 * b[j];
+                    acc[3][j] += d3 * b[j];
+                }
+            }
+            for (int i = 0; i < m; i++) memcpy(out + (size_t)i * r + j0, acc[i], sizeof(float) * (size_t)jb);
+        }
     }
 }
 
