@@ -305,7 +305,7 @@ KT_AI void kt_nn_store2(__m512 lo, __m512 hi, float *c, int ncols, int accumulat
 KT_AI void kt_nn_kernel(const int MR, const int NH, const int FULL, const int PK, int kc, const bf16_t *const *ap,
                         const bf16_t *b, size_t ldb, float *c, size_t ldc, int ncols, int accumulate,
                         const bf16_t *pf, int pfk, __m512i *pk) {
-    __m512 acc[6][4];
+    __m512 acc[6][8];
     const bf16_t *ar[6];
     for (int i = 0; i < MR; i++) ar[i] = ap[i];
     for (int i = 0; i < MR; i++)
@@ -313,16 +313,16 @@ KT_AI void kt_nn_kernel(const int MR, const int NH, const int FULL, const int PK
     const __mmask32 mk0 = kt_mask32(ncols), mk1 = kt_mask32(ncols > 32 ? ncols - 32 : 0);
     int k = 0;
     for (; k + 2 <= kc; k += 2) {
-        if (k + 1 < pfk) { /* rows pf[k], pf[k+1] (128 bytes each, 3 lines when unaligned) */
+        if (k + 1 < pfk) { /* rows pf[k], pf[k+1] (64 NH bytes each, one more line when unaligned) */
             const char *p0 = (const char *)(pf + (size_t)k * ldb), *p1 = (const char *)(pf + (size_t)(k + 1) * ldb);
-            _mm_prefetch(p0, KT_NN_PF_HINT);
-            _mm_prefetch(p0 + 64, KT_NN_PF_HINT);
-            _mm_prefetch(p0 + 127, KT_NN_PF_HINT);
-            _mm_prefetch(p1, KT_NN_PF_HINT);
-            _mm_prefetch(p1 + 64, KT_NN_PF_HINT);
-            _mm_prefetch(p1 + 127, KT_NN_PF_HINT);
+            for (int off = 0; off < 64 * NH; off += 64) {
+                _mm_prefetch(p0 + off, KT_NN_PF_HINT);
+                _mm_prefetch(p1 + off, KT_NN_PF_HINT);
+            }
+            _mm_prefetch(p0 + 64 * NH - 1, KT_NN_PF_HINT);
+            _mm_prefetch(p1 + 64 * NH - 1, KT_NN_PF_HINT);
         }
-        __m512i v[4];
+        __m512i v[8];
         if (PK == 2) {
             for (int j = 0; j < 4; j++) v[j] = _mm512_load_si512(pk + 2 * k + j);
         } else {
@@ -348,7 +348,7 @@ KT_AI void kt_nn_kernel(const int MR, const int NH, const int FULL, const int PK
         }
     }
     if (k < kc) { /* odd: pair (B[k][n], 0) */
-        __m512i v[4];
+        __m512i v[8];
         if (PK == 2) {
             for (int j = 0; j < 4; j++) v[j] = _mm512_load_si512(pk + 2 * k + j);
         } else {
@@ -388,7 +388,12 @@ static void kt_nn_rows(int mr, int kc, const bf16_t *const *ap, const bf16_t *b,
         KT_NN_CASE(5, NH, FULL, PK, NC)                                                                      \
     default: kt_nn_kernel(6, NH, FULL, PK, kc, ap, b, ldb, c, ldc, NC, accumulate, pf, pfk, pk); break;      \
     }
-    if (ncols >= 64) {
+    if (ncols >= 128 && mr <= 2 && !pk) { /* one or two rows: 128 columns per pass (see gemm_nn) */
+        if (mr == 1)
+            kt_nn_kernel(1, 4, 1, 0, kc, ap, b, ldb, c, ldc, 128, accumulate, pf, pfk, pk);
+        else
+            kt_nn_kernel(2, 4, 1, 0, kc, ap, b, ldb, c, ldc, 128, accumulate, pf, pfk, pk);
+    } else if (ncols >= 64) {
         if (!pk) {
             KT_NN_CASES(2, 1, 0, 64)
         } else if (mode == 1) {
@@ -418,8 +423,10 @@ static void gemm_nn(int M, int N, int K, const bf16_t *const *a, const bf16_t *b
     const int nblk = (M + KT_NN_MR - 1) / KT_NN_MR;
     const int kchunk = nblk == 1 ? (K > 0 ? K : 1) : KT_NN_KC;
     __m512i pk[KT_NN_KC * 2] __attribute__((aligned(64))); /* KT_NN_KC / 2 pairs x 4 vectors */
-    for (int n = 0; n < N; n += 64) {
-        const int nc = N - n < 64 ? N - n : 64;
+    /* one or two rows (bandwidth-bound): 128 columns per pass, so that memory sees 256-byte pieces of B's rows */
+    const int wide = M <= 2 ? 128 : 64;
+    for (int n = 0; n < N;) {
+        const int nc = N - n >= wide ? wide : (N - n < 64 ? N - n : 64);
         const bf16_t *bn = b + n;
         int k0 = 0;
         do {
@@ -448,6 +455,7 @@ static void gemm_nn(int M, int N, int K, const bf16_t *const *a, const bf16_t *b
             }
             k0 += kc;
         } while (k0 < K);
+        n += nc;
     }
 }
 
