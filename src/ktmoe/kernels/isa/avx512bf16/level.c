@@ -5,6 +5,7 @@
 #include "../../core/cpu.h"
 #include "decode.h"
 #include "gemm.h"
+#include "outer.h"
 #include "panel.h"
 #include "qdot.h"
 
@@ -41,6 +42,7 @@ const kt_level kt_level_avx512bf16 = {
             .decode_run = {[KT_W_INT8] = kt_decode_int8_avx512bf16, [KT_W_INT4] = kt_decode_int4_avx512bf16,
                            [KT_W_INT4_1] = kt_decode_int4_1_avx512bf16, [KT_W_FP8] = kt_decode_fp8_avx512bf16},
             .qdot_small = kt_qdot_small,
+            .outer_f32 = kt_outer_f32_avx512bf16,
             .bop_bytes = kt_px_bop_bytes,
             .bop_prep = kt_px_bop_prep,
             .xpack_bytes = kt_px_bytes,
