@@ -15,7 +15,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from . import _core
 
 ISA_ENV = "KTMOE_ISA"            # the ISA level: portable, avx2, avx512, avx512bf16, amx, or amx-model (the tile model)
-TOPOLOGY_ENV = "KTMOE_TOPOLOGY"  # subpool CPU lists by hand, e.g. "0-7;8-15"
+TOPOLOGY_ENV = "KTMOE_TOPOLOGY"  # subpool CPU lists by hand, e.g. "0-7;8-15"; per local rank: "0-3;4-7|8-11;12-15"
+RANK_SPLIT_ENV = "KTMOE_RANK_SPLIT"  # "0": under torchrun every rank keeps the whole allowed set (e.g. the
+                                     # launcher already pinned each rank)
 
 _lock = threading.Lock()
 _engines: Dict[int, "EngineInfo"] = {}
@@ -126,29 +128,95 @@ def numa_nodes() -> Dict[int, List[int]]:
     return nodes or {0: sorted(allowed)}
 
 
-def plan_subpools(threads: int, parts: int, topology: Optional[Sequence[Sequence[int]]] = None
+def _local_rank() -> Optional[Tuple[int, int]]:
+    """(LOCAL_RANK, LOCAL_WORLD_SIZE) as torchrun sets them, or None outside a multi-process launch."""
+    r, n = os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_WORLD_SIZE")
+    if r is None or n is None:
+        return None
+    try:
+        r, n = int(r), int(n)
+    except ValueError:
+        raise ValueError(f"LOCAL_RANK={os.environ['LOCAL_RANK']!r} / LOCAL_WORLD_SIZE="
+                         f"{os.environ['LOCAL_WORLD_SIZE']!r} must be ints (as torchrun sets them)") from None
+    if n < 1 or not 0 <= r < n:
+        raise ValueError(f"LOCAL_RANK={r} must be in [0, LOCAL_WORLD_SIZE={n})")
+    return r, n
+
+
+def rank_cpus() -> Tuple[List[int], str]:
+    """This process's share of the allowed CPUs and how it was chosen.
+
+    Under torchrun (LOCAL_RANK / LOCAL_WORLD_SIZE) the local ranks split the allowed set into disjoint
+    parts: whole NUMA nodes when there are at least as many nodes as ranks, else contiguous runs of the
+    allowed CPUs (sizes differ by at most one). With fewer CPUs than ranks they cannot be disjoint: rank r
+    gets CPU r mod n. Outside torchrun, or with KTMOE_RANK_SPLIT=0, the whole allowed set."""
+    cpus = allowed_cpus()
+    lr = _local_rank()
+    if lr is None or lr[1] == 1:
+        return cpus, "all"
+    if os.environ.get(RANK_SPLIT_ENV, "").strip() == "0":
+        return cpus, "all (KTMOE_RANK_SPLIT=0)"
+    r, n = lr
+    nodes = numa_nodes()
+    if len(nodes) >= n > 1:
+        ids = sorted(nodes)
+        mine = ids[r * len(ids) // n:(r + 1) * len(ids) // n]  # whole nodes, in order
+        return sorted(c for i in mine for c in nodes[i]), f"numa nodes {mine} (local rank {r} of {n})"
+    if len(cpus) < n:
+        return [cpus[r % len(cpus)]], f"shared cpu (local rank {r} of {n}, only {len(cpus)} CPUs allowed)"
+    lo, hi = r * len(cpus) // n, (r + 1) * len(cpus) // n
+    return cpus[lo:hi], f"contiguous (local rank {r} of {n})"
+
+
+def _check_allowed(pools: Sequence[Sequence[int]], what: str) -> None:
+    """A hand-written layout may only name CPUs this process may run on (pinning elsewhere fails silently)."""
+    allowed = set(allowed_cpus())
+    outside = sorted({c for p in pools for c in p if c not in allowed})
+    if outside:
+        raise ValueError(f"{what} names CPUs {outside} outside this process's allowed CPUs "
+                         f"{_cpu_list_text(sorted(allowed))} (os.sched_getaffinity(0))")
+
+
+def _cpu_list_text(cpus: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    out, i = [], 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        out.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def plan_subpools(threads: int, parts: int, topology: Optional[Sequence[Sequence[int]]] = None,
+                  cpus: Optional[Sequence[int]] = None, what: str = "subpool_cpus"
                   ) -> Tuple[List[List[int]], List[int]]:
     """CPU list of each subpool, and the NUMA node each lives on.
 
-    With a hand-written topology its lists are used as given. Otherwise subpools follow NUMA nodes when
-    there are at least `parts` of them, else they are contiguous ranges of the allowed CPUs."""
+    With a hand-written topology its lists are used as given (every CPU must be allowed). Otherwise the
+    CPUs are `cpus` (default: this rank's share, rank_cpus()); subpools follow its NUMA nodes when there
+    are at least `parts` of them, else they are contiguous ranges of it."""
     if topology is not None:
-        pools = _check_topology(topology, "subpool_cpus")
+        pools = _check_topology(topology, what)
         if len(pools) != parts:
             raise ValueError(f"topology has {len(pools)} subpools but threadpool_count={parts}")
         if any(len(p) == 0 for p in pools):
             raise ValueError("every subpool in the topology needs at least one CPU")
+        _check_allowed(pools, what)
         return pools, [-1] * parts
     if threads < parts:
         raise ValueError(f"cpuinfer_threads={threads} is fewer than threadpool_count={parts}: "
                          "each subpool needs at least one thread")
-    nodes = numa_nodes()
+    cpus = list(rank_cpus()[0] if cpus is None else cpus)
+    share = set(cpus)
+    nodes = {n: [c for c in cs if c in share] for n, cs in numa_nodes().items()}
+    nodes = {n: cs for n, cs in nodes.items() if cs}
     per = [threads // parts + (1 if i < threads % parts else 0) for i in range(parts)]
     if len(nodes) >= parts > 1:
         ids = sorted(nodes)[:parts]
         pools = [(nodes[n] * (per[i] // len(nodes[n]) + 1))[: per[i]] for i, n in enumerate(ids)]
         return pools, ids
-    cpus = allowed_cpus()
     cpus = (cpus * (threads // len(cpus) + 1))[:threads]  # more threads than CPUs: wrap around
     pools, at = [], 0
     for n in per:
@@ -159,9 +227,18 @@ def plan_subpools(threads: int, parts: int, topology: Optional[Sequence[Sequence
 
 
 def _topology_from_env() -> Optional[List[List[int]]]:
+    """$KTMOE_TOPOLOGY: subpools separated by ';'; with '|' one layout per local rank (rank r takes the r-th)."""
     text = os.environ.get(TOPOLOGY_ENV, "").strip()
     if not text:
         return None
+    if "|" in text:
+        per_rank = text.split("|")
+        lr = _local_rank()
+        r, n = lr if lr is not None else (0, 1)
+        if len(per_rank) != n:
+            raise ValueError(f"{TOPOLOGY_ENV}={text!r} has {len(per_rank)} per-rank layouts ('|'-separated) but "
+                             f"LOCAL_WORLD_SIZE={n}")
+        text = per_rank[r].strip()
     return [parse_cpu_list(part, f"{TOPOLOGY_ENV}={text!r}: subpool") for part in text.split(";") if part.strip()]
 
 
@@ -170,12 +247,16 @@ def get_engine(threads: Optional[int] = None, parts: int = 1,
     """The engine for `parts` subpools, created on first use."""
     if parts < 1 or parts > _core.MAX_PARTS:
         raise ValueError(f"threadpool_count must be in [1, {_core.MAX_PARTS}], got {parts}")
+    what = "subpool_cpus"
     if topology is not None:
-        topology = _check_topology(topology, "subpool_cpus")
+        topology = _check_topology(topology, what)
     if topology is None:
         topology = _topology_from_env()
+        what = TOPOLOGY_ENV
         if topology is not None and len(topology) != parts:
             topology = None  # the env layout describes another split; fall back to automatic
+    if topology is not None:  # before the running engine is returned: a bad layout is an error every time
+        _check_allowed(topology, what)
     with _lock:
         running = _engines.get(parts)
         if running is not None:
@@ -185,11 +266,17 @@ def get_engine(threads: Optional[int] = None, parts: int = 1,
                     f"cpuinfer_threads={threads} is ignored (the engine is shared by all layers)",
                     RuntimeWarning, stacklevel=3)
             return running
-        if threads is None:
-            threads = sum(len(p) for p in topology) if topology else len(allowed_cpus())
+        share, how = rank_cpus()
+        if threads is None:  # the cores this rank may use
+            threads = sum(len(p) for p in topology) if topology else len(share)
         if threads < 1:
             raise ValueError(f"cpuinfer_threads must be >= 1, got {threads}")
-        pools, nodes = plan_subpools(threads, parts, topology)
+        if topology is None and threads > len(share) and not how.startswith("all"):
+            # warned, not refused: the extra threads stack on this rank's own CPUs, never on another rank's
+            warnings.warn(
+                f"ktmoe: cpuinfer_threads={threads} exceeds this rank's share of {len(share)} CPUs "
+                f"({_cpu_list_text(share)}, {how}); the threads share those CPUs", RuntimeWarning, stacklevel=3)
+        pools, nodes = plan_subpools(threads, parts, topology, share, what)
         if _engines:
             warnings.warn(
                 f"ktmoe: a second CPU engine is started for threadpool_count={parts} (one with "
@@ -216,9 +303,17 @@ def cpu_info() -> dict:
         "levels": _core.isa_levels(),
         "allowed_cpus": allowed_cpus(),
         "numa_nodes": numa_nodes(),
+        "rank": _rank_info(),
         "engines": [
             {"threadpool_count": parts, "threads": e.threads, "subpool_cpus": [list(p) for p in e.subpool_cpus],
              "numa_nodes": list(e.numa_nodes)}
             for parts, e in sorted(_engines.items())
         ],
     }
+
+
+def _rank_info() -> dict:
+    lr = _local_rank()
+    cpus, how = rank_cpus()
+    return {"local_rank": None if lr is None else lr[0], "local_world_size": None if lr is None else lr[1],
+            "cpus": cpus, "split": how}

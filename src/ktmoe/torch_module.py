@@ -72,7 +72,9 @@ class KTMoEFunction(torch.autograd.Function):
         handle = torch.tensor([key], dtype=torch.int64)
         _SAVED[key] = saved
         weakref.finalize(handle, _drop, key)
-        ctx.save_for_backward(handle)
+        # the LoRA tensors too: backward binds the ones autograd hands back, valid at backward time even when
+        # their storage moved since the forward (FSDP2 frees it at reshard and re-gathers it for backward)
+        ctx.save_for_backward(handle, *lora)
         ctx.wrapper = wrapper
         ctx.weights_dtype = weights.dtype
         ctx.lora_meta = [(p.dtype, p.device) for p in lora]
@@ -80,12 +82,12 @@ class KTMoEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        (handle,) = ctx.saved_tensors
+        handle, *lora = ctx.saved_tensors
         saved = _SAVED.pop(int(handle[0]), None)
         if saved is None:
             raise RuntimeError("ktmoe: backward through the same experts call twice (retain_graph is not "
                                "supported; recompute the forward instead)")
-        grad_input, grads = ctx.wrapper._run_backward(saved, grad_output.contiguous())
+        grad_input, grads = ctx.wrapper._run_backward(saved, grad_output.contiguous(), lora=lora or None)
         lora_grads = []
         for name, (dtype, device) in zip(LORA_NAMES, ctx.lora_meta):
             g = grads.get(name)

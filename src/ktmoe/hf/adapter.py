@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..lora import LORA_NAMES
+from ..sft.base import is_dtensor
 from .convert import base_model_of, convert_model, routed_experts, unwrap_model
 from .experts import KTMoEHFExperts
 from .peft_layout import block_diagonal_mask, expert_lora_to_peft, peft_to_expert_lora
@@ -181,13 +182,28 @@ def trainable_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
 
 # ---------------------------------------------------------------- save
 
+def _dist_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _is_peft_model(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The full value of a parameter: a DTensor (FSDP2 shard) is gathered, a collective every rank must join."""
+    t = t.detach()
+    return t.full_tensor() if is_dtensor(t) else t
+
+
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default"):
     """(state_dict, LoraConfig) of a converted model's adapter, exactly as PEFT would save them for the
-    unconverted model with `lora_config(...)` (fp32 tensors)."""
+    unconverted model with `lora_config(...)` (fp32 tensors).
+
+    Under FSDP2 (parameters sharded as DTensors) every rank must call it: the shards are gathered, in model
+    order, and every rank gets the whole state dict."""
     peft = _peft()
     from peft.utils import get_peft_model_state_dict
 
@@ -203,7 +219,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default"):
         cfg = copy.deepcopy(model.peft_config[adapter_name])
         if getattr(cfg, "use_dora", False):
             raise ValueError("DoRA adapters cannot carry ktmoe expert LoRA")
-        sd = {k: v.detach().to("cpu", torch.float32, copy=True) if v.is_floating_point() else v.detach().cpu().clone()
+        sd = {k: _whole(v).to("cpu", torch.float32, copy=True) if v.is_floating_point() else _whole(v).cpu().clone()
               for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()
               if not k.startswith(expert_prefixes)}
         rslora = bool(cfg.use_rslora)
@@ -218,7 +234,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default"):
     cfg.base_model_name_or_path = cfg.base_model_name_or_path or getattr(base.config, "_name_or_path", None) or None
     cfg.inference_mode = True
     for name, m in experts.items():
-        peft_t = expert_lora_to_peft(dict(zip(LORA_NAMES, m.lora_parameters)))
+        peft_t = expert_lora_to_peft({n: _whole(p) for n, p in zip(LORA_NAMES, m.lora_parameters)})
         pre = _PREFIX + name + "."
         sd[pre + GATE_UP_SUB + "lora_A.weight"], sd[pre + GATE_UP_SUB + "lora_B.weight"] = peft_t["gate_up_proj"]
         sd[pre + "lora_A.weight"], sd[pre + "lora_B.weight"] = peft_t["down_proj"]
@@ -228,10 +244,16 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default"):
 def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> None:
     """Writes `adapter_config.json` + `adapter_model.safetensors` to `path`, loadable by
     `peft.PeftModel.from_pretrained(unconverted_model, path)` with no ktmoe involved.
-    (`peft_model.save_pretrained` does not know the expert modules: use this.)"""
+    (`peft_model.save_pretrained` does not know the expert modules: use this.)
+
+    Under torch.distributed only rank 0 writes (one folder, no two ranks writing the same files). Under FSDP2
+    every rank must call it (the shards are gathered to a whole adapter, a collective); under DDP, where every
+    rank holds the whole adapter, calling it on rank 0 alone is enough."""
     from safetensors.torch import save_file
 
     sd, cfg = adapter_state_dict(model, adapter_name)
+    if _dist_rank() != 0:
+        return
     os.makedirs(path, exist_ok=True)
     cfg.save_pretrained(path)
     save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(path, ADAPTER_WEIGHTS),

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..lora import LORA_NAMES
 from .peft_layout import expert_lora_to_peft, peft_to_expert_lora
+from ..sft.base import is_dtensor
 from ..torch_module import KTMoEExperts, KTMoEFunction, flatten_routing, live_saved_forwards  # noqa: F401 (re-exported)
 
 try:  # PEFT is part of the [hf] extra; without it the module is an ordinary nn.Module
@@ -265,6 +266,14 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
                 peft_key(DOWN_A, ad): t["down_proj"][0], peft_key(DOWN_B, ad): t["down_proj"][1]}
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        params = self.lora_parameters
+        if params and not self.lora_removed and is_dtensor(params[0]):
+            # sharded (FSDP2): the parameters under their own names, as DTensors, so that
+            # torch.distributed.checkpoint can save, gather (get_model_state_dict) and load them; the PEFT
+            # layout needs whole tensors (ktmoe.hf.save_adapter gathers them)
+            for n, p in zip(LORA_NAMES, params):
+                destination[prefix + n] = p if keep_vars else p.detach()
+            return
         for k, v in self.peft_tensors().items():
             destination[prefix + k] = v
 

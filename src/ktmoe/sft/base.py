@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -44,6 +45,25 @@ def check_has_data(name: str, t: torch.Tensor) -> None:
     if t.device.type == "meta":
         raise ValueError(f"{name} is on device meta (no data); expected a tensor with data on the cpu or an "
                          "accelerator (materialize it first, e.g. with to_empty() and a load)")
+
+
+def is_dtensor(t) -> bool:
+    # torch.distributed.tensor not imported yet: no DTensor can exist (and importing it costs ~0.1 s)
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, getattr(mod, "DTensor", ()))
+
+
+def check_lora_storage(name: str, t: torch.Tensor) -> None:
+    """The native side reads a LoRA tensor by address: a sharded DTensor or freed storage is refused here
+    (either would be read as a null or dangling pointer)."""
+    if is_dtensor(t):
+        raise ValueError(f"{name} is a DTensor (sharded by FSDP2 fully_shard or tensor parallel, placements "
+                         f"{tuple(t.placements)}): the CPU experts need the whole local tensor. Call them through "
+                         "the fully_shard-ed module that owns them (its forward gathers the parameters), or "
+                         "unshard it first (fsdp_module.unshard())")
+    if t.numel() > 0 and t.device.type == "cpu" and t.data_ptr() == 0:
+        raise ValueError(f"{name} has no storage ({_describe(t)}, data_ptr 0): it was freed, e.g. resharded by "
+                         "FSDP2 after the forward; gather it again before calling the experts")
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -380,6 +400,7 @@ class BaseSFTMoEWrapper:
         for name, t in zip(LORA_NAMES, tensors):
             check_tensor(name, t, shapes[name], _FLOAT_INPUTS)
             check_has_data(name, t)
+            check_lora_storage(name, t)
         if checks.finite_checks():
             for name, t in zip(LORA_NAMES, tensors):
                 checks.check_finite_weight(name, t.detach())
@@ -450,6 +471,7 @@ class BaseSFTMoEWrapper:
                 if t.shape != shape or t.dtype is not torch.float32 or not t.is_contiguous():
                     raise ValueError(f"{name} changed under the wrapper to {_describe(t)}; expected shape {shape}, "
                                      "float32, contiguous: call init_lora_weights() with the new tensors")
+                check_lora_storage(name, t)
             self._bind_lora(lora)
         return True
 
@@ -540,10 +562,30 @@ class BaseSFTMoEWrapper:
         saved = SavedForward(chunks, T, hidden_states.dtype, dev, self._weights_gen) if save else None
         return y, saved
 
-    def _run_backward(self, saved: SavedForward, grad_output: torch.Tensor, reuse_grads: bool = False
-                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def _run_backward(self, saved: SavedForward, grad_output: torch.Tensor, reuse_grads: bool = False,
+                      lora: Optional[Sequence[torch.Tensor]] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """lora: the six LoRA tensors the forward used, as they are now (autograd's saved tensors). They are
+        bound for this backward when their addresses differ from the bound ones (storage freed and
+        re-allocated since the forward: FSDP2 resharding; or another binding since), then the binding is
+        put back, so the next forward sees what it saw before."""
         with self._lock:
-            return self._run_backward_locked(saved, grad_output, reuse_grads)
+            if lora is None or self._lora is None or self.lora_rank == 0:
+                return self._run_backward_locked(saved, grad_output, reuse_grads)
+            now = []
+            for name, t in zip(LORA_NAMES, lora):
+                t = t.detach()
+                check_lora_storage(name, t)
+                if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
+                    t = t.to(device="cpu", dtype=torch.float32).contiguous()  # what the forward's copy held
+                now.append(t)
+            ptrs = tuple(t.data_ptr() for t in now)
+            if ptrs == self._lora_ptrs:
+                return self._run_backward_locked(saved, grad_output, reuse_grads)
+            self._layer.set_lora(self.lora_rank, self.lora_scale, *ptrs)
+            try:
+                return self._run_backward_locked(saved, grad_output, reuse_grads)
+            finally:  # (the old addresses are only stored, not read: the next forward re-validates them)
+                self._layer.set_lora(self.lora_rank, self.lora_scale, *self._lora_ptrs)
 
     def _run_backward_locked(self, saved, grad_output, reuse_grads):
         if saved is None:

@@ -1,0 +1,139 @@
+"""FSDP2 (fully_shard) over 2 gloo processes on the CPU: training equals one process on the combined batch.
+
+Each case spawns its ranks as subprocesses (tests/dist_worker.py, MASTER_ADDR=127.0.0.1 on a free port),
+one engine thread and one torch thread each."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402
+
+from tolerances import DIST_REORDER_REL  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(HERE), "src")
+WORKER = os.path.join(HERE, "dist_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(case: str, out, world: int):
+    os.makedirs(out, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                           "MASTER_ADDR", "MASTER_PORT", "KTMOE_TOPOLOGY")}
+    env.update(PYTHONPATH=SRC + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    if world > 1:
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
+                   LOCAL_WORLD_SIZE=str(world))
+    procs = []
+    for r in range(world):
+        e = dict(env, RANK=str(r), LOCAL_RANK=str(r)) if world > 1 else env
+        procs.append(subprocess.Popen([sys.executable, WORKER, case, str(out)], env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} of {world} ({case}) failed:\n{log[-4000:]}"
+    return [torch.load(os.path.join(out, f"result_{r}.pt")) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The single-process runs on the combined batch, with and without checkpointing (and a saved adapter)."""
+    base = tmp_path_factory.mktemp("single")
+    return {gc: _run(f"gc={gc},save=1", base / f"gc{gc}", 1)[0] | {"dir": base / f"gc{gc}"} for gc in (0, 1)}
+
+
+def _close(a, b, what):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    err = float((a - b).norm() / b.norm())
+    assert err < DIST_REORDER_REL, f"{what}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("gc", [0, 1])
+@pytest.mark.parametrize("reshard", [1, 0])
+def test_fsdp2_equals_one_process(tmp_path, single, reshard, gc):
+    ranks = _run(f"reshard={reshard},gc={gc}", tmp_path, 2)
+    ref = single[gc]
+    for r, res in enumerate(ranks):
+        _close(res["losses"], ref["losses"], f"rank {r} losses")
+        assert set(res["params"]) == set(ref["params"])
+        for n, p in ref["params"].items():  # expert LoRA and attention LoRA, gathered whole
+            _close(res["params"][n], p, f"rank {r} {n}")
+    assert any("experts" in n for n in ref["params"])
+
+
+def test_dtensor_outside_forward_is_refused_and_save_adapter_writes_one_adapter(tmp_path, single):
+    ranks = _run("reshard=1,save=1,outside=1", tmp_path, 2)
+    for r, res in enumerate(ranks):  # the experts called by themselves, their LoRA sharded: no crash
+        msg = res["params"]["outside_error"]
+        assert msg is not None and msg.startswith("ValueError") and "gate_lora_a is a DTensor" in msg, msg
+    got = load_file(os.path.join(tmp_path, "adapter", "adapter_model.safetensors"))  # written by rank 0 only
+    want = load_file(os.path.join(single[0]["dir"], "adapter", "adapter_model.safetensors"))
+    assert sorted(got) == sorted(want) and any("experts" in k for k in got)
+    for k in want:
+        _close(got[k], want[k], k)
+    cfg = [json.load(open(os.path.join(d, "adapter", "adapter_config.json"))) for d in (tmp_path, single[0]["dir"])]
+    for c in cfg:
+        c["target_modules"] = sorted(c["target_modules"])  # a set in PEFT: its order is per process
+    assert cfg[0] == cfg[1]
+
+
+# ---------------------------------------------------------------- in process: what FSDP2 does to the LoRA storage
+
+def _experts(seed=0):
+    from conftest import THREADS
+    from ktmoe.torch_module import KTMoEExperts
+
+    g = torch.Generator().manual_seed(seed)
+    E, H, I = 4, 32, 16
+    gate, up, down = (torch.randn(E, I, H, generator=g) * 0.1, torch.randn(E, I, H, generator=g) * 0.1,
+                      torch.randn(E, H, I, generator=g) * 0.1)
+    m = KTMoEExperts(gate, up, down, num_experts_per_tok=2, lora_rank=4, lora_alpha=8.0, cpuinfer_threads=THREADS)
+    with torch.no_grad():
+        for p in m.lora_parameters:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    x = torch.randn(6, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(6)])
+    return m, x, ids, torch.rand(6, 2, generator=g)
+
+
+def test_backward_reads_the_lora_where_it_lives_at_backward_time():
+    """FSDP2 frees the gathered parameters after the forward and gathers them again, elsewhere, for the
+    backward: the backward must read them at their new address (before: freed memory, NaN grads)."""
+    m, x, ids, w = _experts()
+    twin, *_ = _experts()
+    y = m(x, ids, w)
+    keep = []
+    for p in m.lora_parameters:  # free each storage, occupy its old block, re-allocate, refill
+        value = p.detach().clone()
+        st = p.untyped_storage()
+        nbytes = st.nbytes()
+        st.resize_(0)
+        keep.append(torch.empty(nbytes // 4))
+        st.resize_(nbytes)
+        with torch.no_grad():
+            p.data.copy_(value)
+    y.sum().backward()
+    twin(x, ids, w).sum().backward()
+    for p, q in zip(m.lora_parameters, twin.lora_parameters):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_freed_lora_storage_is_refused_not_read():
+    m, x, ids, w = _experts()
+    m(x, ids, w)
+    p = m.lora_parameters[0]
+    p.untyped_storage().resize_(0)
+    with pytest.raises(ValueError, match="gate_lora_a has no storage"):
+        m(x, ids, w)
