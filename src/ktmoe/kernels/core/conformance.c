@@ -204,18 +204,23 @@ static double check_decode(const kt_slots *S, int fmt, int M, int K, int group, 
     return r;
 }
 
+/* The weights of a prepared-operand check: an nr x nc block fits from row 1 and column 1 of each expert. */
+static int bop_weights(arena *A, uint64_t *s, int fmt, int nr, int nc, int group, int block_rows, kt_wmat *w,
+                       char *err) {
+    int cols = test_cols(fmt, 1 + nc, group);
+    if (make_weights(A, s, fmt, nr + 1, cols, group ? group : cols, block_rows, w)) return 1;
+    snprintf(err, KT_ERRLEN, "could not build %s weights", kt_format_name(fmt));
+    return 0;
+}
+
 /* The prepared-operand path as the algorithm uses it: prep with the expert's row count, then GEMM chunks
  * of at most blk.mc rows. The W block starts one row and one column into expert 1's matrix. */
 static double check_bop(const kt_slots *S, int slot, int fmt, int M, int N, int K, int group, int block_rows,
                         uint64_t *s, arena *A, char *err) {
     int trans = slot == KT_SLOT_BOP_NT ? KT_NT : KT_NN;
     int nr = trans == KT_NT ? N : K, nc = trans == KT_NT ? K : N;
-    int cols = test_cols(fmt, 1 + nc, group);
     kt_wmat w;
-    if (!make_weights(A, s, fmt, nr + 1, cols, group ? group : cols, block_rows, &w)) {
-        snprintf(err, KT_ERRLEN, "could not build %s weights", kt_format_name(fmt));
-        return KT_EINVAL;
-    }
+    if (!bop_weights(A, s, fmt, nr, nc, group, block_rows, &w, err)) return KT_EINVAL;
     size_t bytes = S->bop_bytes(S, &w, trans, nr, nc, M);
     void *scratch = guarded(A, bytes ? bytes : 1);
     const bf16_t **a = a_rows(A, s, M, K);
@@ -251,12 +256,8 @@ static double check_bop_px(const kt_slots *S, int fmt, int M, int N, int K, int 
         snprintf(err, KT_ERRLEN, "not used at this level for M=%d", M);
         return 0;
     }
-    int cols = test_cols(fmt, 1 + K, group);
     kt_wmat w;
-    if (!make_weights(A, s, fmt, N + 1, cols, group ? group : cols, block_rows, &w)) {
-        snprintf(err, KT_ERRLEN, "could not build %s weights", kt_format_name(fmt));
-        return KT_EINVAL;
-    }
+    if (!bop_weights(A, s, fmt, N, K, group, block_rows, &w, err)) return KT_EINVAL;
     size_t bytes = S->bop_bytes(S, &w, KT_NT, N, K, M);
     void *scratch = guarded(A, bytes ? bytes : 1);
     void *px = guarded(A, S->xpack_bytes(M, K));
