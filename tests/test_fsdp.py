@@ -17,8 +17,11 @@ from safetensors.torch import load_file  # noqa: E402
 
 from tolerances import DIST_REORDER_REL  # noqa: E402
 
+import ktmoe  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(os.path.dirname(HERE), "src")
+# the ktmoe this test process imported (the installed package, or a source tree on PYTHONPATH)
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(ktmoe.__file__)))
 WORKER = os.path.join(HERE, "dist_worker.py")
 
 

@@ -10,8 +10,8 @@ import pytest
 import ktmoe
 from ktmoe import engine
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SRC = os.path.join(ROOT, "src")
+# the ktmoe this test process imported (the installed package, or a source tree on PYTHONPATH)
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(ktmoe.__file__)))
 
 _PROBE = textwrap.dedent("""
     import json, sys, warnings
