@@ -56,7 +56,9 @@ def gradient_pairs(pm, ref):
     """(name, ktmoe gradient in PEFT layout, reference gradient) for every trainable tensor."""
     wrappers = kh.peft_expert_wrappers(ref)
     for name, mod in kh.routed_experts(pm).items():
-        grads = kh.expert_lora_to_peft({n: p.grad for n, p in zip(LORA_NAMES, mod.lora_parameters)})
+        # in the installed PEFT's orientation (peft 0.18 swaps A and B of 3-D parameters)
+        grads = kh.expert_lora_to_peft({n: p.grad for n, p in zip(LORA_NAMES, mod.lora_parameters)},
+                                       swapped=kh.peft_swaps())
         for key in ("gate_up_proj", "down_proj"):
             w = wrappers[name][key]
             yield f"{name}.{key}.lora_A", grads[key][0], w.lora_A["default"].weight.grad
