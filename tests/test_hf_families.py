@@ -31,9 +31,9 @@ R, ALPHA, ATTN_R, ATTN_ALPHA = 4, 8.0, 4, 8.0
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def make_pair(family, seed=0, randomize=True):
+def make_pair(family, seed=0, randomize=True, **overrides):
     """(converted PeftModel, PEFT reference on the unconverted model), equal LoRA values."""
-    model = kh.tiny_model(family, seed=seed)
+    model = kh.tiny_model(family, seed=seed, **overrides)
     ref_base = copy.deepcopy(model)
     kh.convert_model(model, lora_rank=R, lora_alpha=ALPHA, seed=seed, cpuinfer_threads=THREADS)
     pm = kh.add_lora(model, r=ATTN_R, lora_alpha=ATTN_ALPHA)
@@ -71,7 +71,11 @@ def gradient_pairs(pm, ref):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_loss_and_every_gradient_match_peft(family):
-    pm, ref = make_pair(family, seed=1)
+    check_logits_loss_and_gradients(family)
+
+
+def check_logits_loss_and_gradients(family, **overrides):
+    pm, ref = make_pair(family, seed=1, **overrides)
     n_experts = len(kh.routed_experts(pm))
     assert n_experts >= 1 and not any(type(m).__name__ in kh.get_family(pm).experts_classes
                                       for m in kh.base_model_of(pm).modules())
@@ -130,3 +134,20 @@ def test_only_routed_experts_move(family):
     assert names == set(LORA_NAMES)
     with pytest.raises(ValueError, match="already converted"):
         kh.convert_model(model, lora_rank=2, lora_alpha=4)
+
+
+def test_deepseek_v2_greedy_routing_matches_peft():
+    """DeepSeek-V2-Lite's routing (greedy top-k): runs on every supported transformers, 5.6 included, where the
+    tiny config's group_limited_greedy cannot (next test)."""
+    check_logits_loss_and_gradients("deepseek_v2", topk_method="greedy")
+
+
+def test_deepseek_v2_group_limited_greedy_is_refused_where_transformers_cannot_route_it():
+    from conftest import hf_family_unsupported
+
+    reason = hf_family_unsupported("deepseek_v2")
+    if reason is None:
+        pytest.skip("the installed transformers routes group_limited_greedy (5.24 does)")
+    with pytest.raises(ValueError, match=r"deepseek_v2: transformers 5\.\d+\.\d+'s DeepseekV2Moe cannot route "
+                                         r"topk_method='group_limited_greedy'.*install a newer transformers"):
+        kh.convert_model(kh.tiny_model("deepseek_v2"), lora_rank=R, lora_alpha=ALPHA, cpuinfer_threads=THREADS)
