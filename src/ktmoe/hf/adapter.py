@@ -13,12 +13,14 @@ under use_rslora), the down_proj entry rank r and alpha alpha. One LoraConfig ca
 `rank_pattern` / `alpha_pattern` keyed by the target-parameter names; its `r` / `lora_alpha` are the
 attention LoRA's.
 
-PEFT's block order for a 3-D parameter (verified against peft 0.21.2's `ParamWrapper.get_delta_weight`
-and by tests/test_hf_adapter.py through real PEFT forwards): `lora_A.weight` [E*R, in] is expert-major
+PEFT's block order for a 3-D parameter (verified against peft 0.21.2's and 0.18.1's
+`ParamWrapper.get_delta_weight` and by tests/test_hf_adapter.py through real PEFT forwards; peft 0.18 has A and B
+the other way round, see ktmoe.hf.peft_layout): `lora_A.weight` [E*R, in] is expert-major
 (row e*R + j), `lora_B.weight` [out, R*E] is rank-major (column j*E + e). In that layout "block-diagonal"
 means the quadrants B[:I, r*E:] and B[I:, :r*E] are zero. PEFT nests the two wrappers of one experts module
 in parameter order: the gate_up_proj wrapper is inner, so its keys read `...mlp.experts.base_layer.lora_A.weight`,
-the down_proj ones `...mlp.experts.lora_A.weight`. Loading identifies the two by shape, not by nesting.
+the down_proj ones `...mlp.experts.lora_A.weight` (in both versions). Loading identifies the two, and the
+orientation, by shape, not by nesting.
 
 peft 0.21.2 warns, when it builds such a model, that the target_parameters keys of rank_pattern/alpha_pattern
 "did not match any targeted module and were ignored": it checks them against target_modules only, and does

@@ -14,8 +14,9 @@ Differences from the plain `KTMoEExperts`:
 * `mode="inference"` (methods without `_SFT`): forward only, LoRA applied when given (frozen).
 * Its state dict is PEFT's: the six matrices appear as the `target_parameters` LoRA of the fused expert
   tensors (`base_layer.lora_A.<adapter>.weight` [E*2r, H] ... `lora_B.<adapter>.weight` [H, r*E], see
-  `ktmoe.hf.adapter`), never under their own names. `load_state_dict` takes that layout (with or without the
-  adapter name) or the six names.
+  `ktmoe.hf.adapter`; with peft 0.18 the swapped orientation, A [E*2r, 2I] / B [H, 2r*E], see
+  `ktmoe.hf.peft_layout`), never under their own names. `load_state_dict` takes that layout (with or without the
+  adapter name, either orientation) or the six names.
 * For PEFT it is a tuner layer (`peft.tuners.tuners_utils.BaseTunerLayer`): `get_peft_model_state_dict`,
   `PeftModel.save_pretrained` (so `Trainer.save_model` and its checkpoints), `load_adapter` (so
   `resume_from_checkpoint`), `disable_adapter()`, `set_adapter`, `merge_and_unload()` and `unload()` all see the
