@@ -59,6 +59,10 @@ def identify_layer(p: Tuple[torch.Tensor, torch.Tensor], q: Tuple[torch.Tensor, 
     """Two PEFT (A, B) pairs of one experts module (p: the inner wrapper's, gate_up_proj in PEFT's nesting) ->
     (gate_up, down, swapped), told apart by their shapes against H (and I when known); both in the canonical
     orientation. Raises when the shapes fit no layout."""
+    E = num_experts
+    for a, b in (p, q):
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] % E or b.shape[1] != a.shape[0]:
+            raise ValueError(f"expert LoRA shapes do not fit {E} experts: A {tuple(a.shape)}, B {tuple(b.shape)}")
     fits = []
     for gu, dn in ((p, q), (q, p)):
         for swapped in (False, True):
