@@ -11,10 +11,10 @@ transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 
 import ktmoe.hf as kh  # noqa: E402
-from conftest import randomized_lora_model, rel  # noqa: E402
+from conftest import randomized_lora_model, rel, tiny  # noqa: E402
 from tolerances import HF_MERGED_LOGITS_RTOL, HF_MERGED_WEIGHT_ATOL, SAME_PATH_REL_L2  # noqa: E402
 
-FAMILIES = sorted(kh.families())
+FAMILIES = sorted(kh.families()) + ["deepseek_v2_greedy"]  # see conftest.TINY_VARIANTS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,7 +59,7 @@ def test_merged_checkpoint_loads_in_plain_transformers_with_the_same_logits(tmp_
     assert rel(logits(plain), before) < HF_MERGED_LOGITS_RTOL
 
     # the experts hold W + s B A: PEFT's own merge of the same adapter on the unconverted model
-    ref = peft.PeftModel.from_pretrained(kh.tiny_model(family, seed=61), str(tmp_path / "adapter")).merge_and_unload()
+    ref = peft.PeftModel.from_pretrained(tiny(family, seed=61), str(tmp_path / "adapter")).merge_and_unload()
     fam = kh.get_family(ref)
     ours = {n: m for n, m in plain.named_modules() if fam.is_experts(n, m)}
     theirs = {n: m for n, m in ref.named_modules() if fam.is_experts(n, m)}

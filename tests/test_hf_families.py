@@ -15,10 +15,10 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 import ktmoe.hf as kh  # noqa: E402
-from conftest import THREADS, rel  # noqa: E402  (one engine size for the whole suite)
+from conftest import THREADS, hf_family_unsupported, rel, tiny  # noqa: E402  (one engine size for the whole suite)
 from ktmoe.lora import LORA_NAMES  # noqa: E402
 
-FAMILIES = sorted(kh.families())  # every registered family is tested
+FAMILIES = sorted(kh.families()) + ["deepseek_v2_greedy"]  # every registered family; conftest.TINY_VARIANTS
 
 LOGITS_RTOL = 1e-2   # rel-L2 of the logits (bf16 activations in the experts of 1-2 MoE layers)
 LOSS_ATOL = 5e-3     # |loss difference| (cross-entropy near ln(64) ~ 4.2)
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def make_pair(family, seed=0, randomize=True):
     """(converted PeftModel, PEFT reference on the unconverted model), equal LoRA values."""
-    model = kh.tiny_model(family, seed=seed)
+    model = tiny(family, seed=seed)
     ref_base = copy.deepcopy(model)
     kh.convert_model(model, lora_rank=R, lora_alpha=ALPHA, seed=seed, cpuinfer_threads=THREADS)
     pm = kh.add_lora(model, r=ATTN_R, lora_alpha=ATTN_ALPHA)
@@ -56,7 +56,9 @@ def gradient_pairs(pm, ref):
     """(name, ktmoe gradient in PEFT layout, reference gradient) for every trainable tensor."""
     wrappers = kh.peft_expert_wrappers(ref)
     for name, mod in kh.routed_experts(pm).items():
-        grads = kh.expert_lora_to_peft({n: p.grad for n, p in zip(LORA_NAMES, mod.lora_parameters)})
+        # in the installed PEFT's orientation (peft 0.18 swaps A and B of 3-D parameters)
+        grads = kh.expert_lora_to_peft({n: p.grad for n, p in zip(LORA_NAMES, mod.lora_parameters)},
+                                       swapped=kh.peft_swaps())
         for key in ("gate_up_proj", "down_proj"):
             w = wrappers[name][key]
             yield f"{name}.{key}.lora_A", grads[key][0], w.lora_A["default"].weight.grad
@@ -116,7 +118,7 @@ def test_twenty_training_steps_follow_the_same_loss_curve(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_only_routed_experts_move(family):
-    model = kh.tiny_model(family, seed=0)
+    model = tiny(family, seed=0)
     fam = kh.get_family(model)
     before = {n: type(m).__name__ for n, m in model.named_modules()}
     kh.convert_model(model, lora_rank=2, lora_alpha=4, cpuinfer_threads=THREADS)
@@ -128,3 +130,12 @@ def test_only_routed_experts_move(family):
     assert names == set(LORA_NAMES)
     with pytest.raises(ValueError, match="already converted"):
         kh.convert_model(model, lora_rank=2, lora_alpha=4)
+
+
+def test_deepseek_v2_group_limited_greedy_is_refused_where_transformers_cannot_route_it():
+    reason = hf_family_unsupported("deepseek_v2")
+    if reason is None:
+        pytest.skip("the installed transformers routes group_limited_greedy (5.24 does)")
+    with pytest.raises(ValueError, match=r"deepseek_v2: transformers 5\.\d+\.\d+'s DeepseekV2Moe cannot route "
+                                         r"topk_method='group_limited_greedy'.*install a newer transformers"):
+        kh.convert_model(kh.tiny_model("deepseek_v2"), lora_rank=R, lora_alpha=ALPHA, cpuinfer_threads=THREADS)

@@ -13,10 +13,10 @@ pytest.importorskip("accelerate")  # transformers.Trainer needs it
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import ktmoe.hf as kh  # noqa: E402
-from conftest import THREADS, rel  # noqa: E402
+from conftest import THREADS, rel, tiny  # noqa: E402
 from tolerances import HF_DROPPED_LORA_FACTOR, HF_LOGITS_RTOL  # noqa: E402
 
-FAMILIES = sorted(kh.families())
+FAMILIES = sorted(kh.families()) + ["deepseek_v2_greedy"]  # see conftest.TINY_VARIANTS
 R, ALPHA = 4, 8.0
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def converted(family, seed, lora_seed=None):
     """Tiny model of `seed`, converted, attention LoRA added; LoRA initial values from `lora_seed` (default seed)."""
     lora_seed = seed if lora_seed is None else lora_seed
-    model = kh.tiny_model(family, seed=seed)
+    model = tiny(family, seed=seed)
     kh.convert_model(model, lora_rank=R, lora_alpha=ALPHA, seed=lora_seed, cpuinfer_threads=THREADS)
     torch.manual_seed(lora_seed + 1)  # PEFT's LoRA init
     return kh.add_lora(model, r=4, lora_alpha=8.0)
@@ -96,23 +96,23 @@ def test_trainer_save_model_loads_in_plain_peft_with_the_trained_logits(tmp_path
     cfg = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
     assert sorted(cfg["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
 
-    plain = peft.PeftModel.from_pretrained(kh.tiny_model(family, seed=seed), str(tmp_path / "final"))
+    plain = peft.PeftModel.from_pretrained(tiny(family, seed=seed), str(tmp_path / "final"))
     assert not kh.routed_experts(plain)
     err = rel(logits(plain), trained)
     assert err < HF_LOGITS_RTOL, f"{family}: plain PEFT logits differ by {err:.2e}"
 
     # the check is sensitive: the same adapter without its expert LoRA fails it
     drop_expert_lora(tmp_path / "final", tmp_path / "dropped")
-    lost = peft.PeftModel.from_pretrained(kh.tiny_model(family, seed=seed), str(tmp_path / "dropped"))
+    lost = peft.PeftModel.from_pretrained(tiny(family, seed=seed), str(tmp_path / "dropped"))
     err_lost = rel(logits(lost), trained)
     assert err_lost > HF_DROPPED_LORA_FACTOR * HF_LOGITS_RTOL, f"{family}: dropping the expert LoRA moves the " \
                                                                f"logits by only {err_lost:.2e}"
     # and back into ktmoe from the Trainer's folder
-    back = kh.from_adapter(kh.tiny_model(family, seed=seed), str(tmp_path / "final"), cpuinfer_threads=THREADS)
+    back = kh.from_adapter(tiny(family, seed=seed), str(tmp_path / "final"), cpuinfer_threads=THREADS)
     assert torch.equal(logits(back), trained)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "deepseek_v2_greedy"])
 def test_resume_from_checkpoint_is_exact(tmp_path, family):
     """6 steps straight vs 3 steps, checkpoint, a fresh process-like restart (new model, new Trainer) resumed from
     it: every trainable tensor (expert LoRA, attention LoRA) bit-identical; the checkpoint holds the optimizer
@@ -172,5 +172,5 @@ def test_trl_sft_trainer_trains_and_saves_the_expert_lora(tmp_path):
     trainer.save_model(str(tmp_path / "final"))
     sd = load_file(str(tmp_path / "final" / "adapter_model.safetensors"))
     assert len(expert_keys(sd)) == 4 * len(kh.routed_experts(pm))
-    plain = peft.PeftModel.from_pretrained(kh.tiny_model(family, seed=seed), str(tmp_path / "final"))
+    plain = peft.PeftModel.from_pretrained(tiny(family, seed=seed), str(tmp_path / "final"))
     assert rel(logits(plain), trained) < HF_LOGITS_RTOL

@@ -28,9 +28,10 @@ from .convert import base_model_of, convert_model, default_group_size, routed_ex
 from .experts import KTMoEHFExperts, live_saved_forwards
 from .families import MoEFamily, families, get_family, tiny_model
 from .loading import from_pretrained
+from .peft_layout import identify_layer, peft_swaps, swap_orientation
 
 __all__ = ["from_pretrained", "convert_model", "routed_experts", "base_model_of", "unwrap_model", "default_group_size", "KTMoEHFExperts", "live_saved_forwards",
            "MoEFamily", "families", "get_family", "tiny_model", "add_lora", "trainable_parameters", "lora_config",
            "expert_lora_to_peft", "peft_to_expert_lora", "block_diagonal_mask", "adapter_state_dict",
            "save_adapter", "read_adapter", "load_adapter", "from_adapter", "peft_reference",
-           "peft_expert_wrappers"]
+           "peft_expert_wrappers", "peft_swaps", "swap_orientation", "identify_layer"]

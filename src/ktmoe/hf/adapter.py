@@ -13,12 +13,14 @@ under use_rslora), the down_proj entry rank r and alpha alpha. One LoraConfig ca
 `rank_pattern` / `alpha_pattern` keyed by the target-parameter names; its `r` / `lora_alpha` are the
 attention LoRA's.
 
-PEFT's block order for a 3-D parameter (verified against peft 0.21.2's `ParamWrapper.get_delta_weight`
-and by tests/test_hf_adapter.py through real PEFT forwards): `lora_A.weight` [E*R, in] is expert-major
+PEFT's block order for a 3-D parameter (verified against peft 0.21.2's and 0.18.1's
+`ParamWrapper.get_delta_weight` and by tests/test_hf_adapter.py through real PEFT forwards; peft 0.18 has A and B
+the other way round, see ktmoe.hf.peft_layout): `lora_A.weight` [E*R, in] is expert-major
 (row e*R + j), `lora_B.weight` [out, R*E] is rank-major (column j*E + e). In that layout "block-diagonal"
 means the quadrants B[:I, r*E:] and B[I:, :r*E] are zero. PEFT nests the two wrappers of one experts module
 in parameter order: the gate_up_proj wrapper is inner, so its keys read `...mlp.experts.base_layer.lora_A.weight`,
-the down_proj ones `...mlp.experts.lora_A.weight`. Loading identifies the two by shape, not by nesting.
+the down_proj ones `...mlp.experts.lora_A.weight` (in both versions). Loading identifies the two, and the
+orientation, by shape, not by nesting.
 
 peft 0.21.2 warns, when it builds such a model, that the target_parameters keys of rank_pattern/alpha_pattern
 "did not match any targeted module and were ignored": it checks them against target_modules only, and does
@@ -42,7 +44,8 @@ from ..lora import LORA_NAMES
 from ..sft.base import is_dtensor
 from .convert import base_model_of, convert_model, routed_experts, unwrap_model
 from .experts import KTMoEHFExperts
-from .peft_layout import block_diagonal_mask, expert_lora_to_peft, peft_to_expert_lora
+from .peft_layout import (block_diagonal_mask, expert_lora_to_peft, identify_layer, peft_swaps,
+                          peft_to_expert_lora)
 from .families import get_family
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -234,7 +237,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default"):
     cfg.base_model_name_or_path = cfg.base_model_name_or_path or getattr(base.config, "_name_or_path", None) or None
     cfg.inference_mode = True
     for name, m in experts.items():
-        peft_t = expert_lora_to_peft({n: _whole(p) for n, p in zip(LORA_NAMES, m.lora_parameters)})
+        peft_t = expert_lora_to_peft({n: _whole(p) for n, p in zip(LORA_NAMES, m.lora_parameters)},
+                                     swapped=peft_swaps(getattr(m, "source_transposed", False)))
         pre = _PREFIX + name + "."
         sd[pre + GATE_UP_SUB + "lora_A.weight"], sd[pre + GATE_UP_SUB + "lora_B.weight"] = peft_t["gate_up_proj"]
         sd[pre + "lora_A.weight"], sd[pre + "lora_B.weight"] = peft_t["down_proj"]
@@ -284,8 +288,9 @@ def _peft_scale(cfg, key: str, rank: int) -> float:
     return alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
 
 
-def _layer_tensors(sd: Mapping[str, torch.Tensor], name: str, H: int):
-    """((A, B) of gate_up_proj, (A, B) of down_proj) of the experts module `name`, identified by shape."""
+def _layer_tensors(sd: Mapping[str, torch.Tensor], name: str, H: int, I: int, E: int, transposed: bool = False):
+    """((A, B) of gate_up_proj, (A, B) of down_proj) of the experts module `name`, identified by shape, in the
+    canonical orientation whichever PEFT version wrote them."""
     pre = _PREFIX + name + "."
     pairs = []
     for sub in (GATE_UP_SUB, ""):
@@ -294,14 +299,13 @@ def _layer_tensors(sd: Mapping[str, torch.Tensor], name: str, H: int):
             raise KeyError(f"the adapter has no expert LoRA for {name} (expected {pre}{sub}lora_A.weight and "
                            "lora_B.weight)")
         pairs.append((a, b))
-    (p, q) = pairs
-    if p[0].shape[1] != H and q[0].shape[1] == H:  # gate_up's A reads the hidden size
-        p, q = q, p
-    return p, q
+    gate_up, down, _ = identify_layer(*pairs, hidden=H, intermediate=I, num_experts=E,
+                                      prefer_swapped=peft_swaps(transposed))
+    return gate_up, down
 
 
-def _expert_lora_from_adapter(cfg, sd, name: str, E: int, H: int):
-    gate_up, down = _layer_tensors(sd, name, H)
+def _expert_lora_from_adapter(cfg, sd, name: str, E: int, H: int, I: int, transposed: bool = False):
+    gate_up, down = _layer_tensors(sd, name, H, I, E, transposed)
     s_gu = _peft_scale(cfg, f"{name}.gate_up_proj", gate_up[0].shape[0] // E)
     s_d = _peft_scale(cfg, f"{name}.down_proj", down[0].shape[0] // E)
     return peft_to_expert_lora(gate_up, down, num_experts=E, gate_up_scale=s_gu, down_scale=s_d)
@@ -324,7 +328,8 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
         raise ValueError("load_adapter() needs a converted model (ktmoe.hf.convert_model), or use "
                          "ktmoe.hf.from_adapter(model, path) on the unconverted one")
     for name, m in experts.items():
-        lora, r, alpha, _ = _expert_lora_from_adapter(cfg, sd, name, m.num_experts, m.hidden_dim)
+        lora, r, alpha, _ = _expert_lora_from_adapter(cfg, sd, name, m.num_experts, m.hidden_dim, m.intermediate_dim,
+                                                      getattr(m, "source_transposed", False))
         if r != m.lora_rank or not math.isclose(alpha / r, m.scaling, rel_tol=1e-6):
             raise ValueError(f"{path}: expert LoRA of {name} needs rank {r}, alpha {alpha:g}; the model was "
                              f"converted with rank {m.lora_rank}, alpha {m.lora_alpha:g} (use ktmoe.hf.from_adapter)")
@@ -368,7 +373,8 @@ def from_adapter(model: nn.Module, path: str, **convert_kwargs) -> nn.Module:
         raise ValueError("from_adapter() needs an unconverted model (its experts modules are not found)")
     name, mod = first
     gate, _, _ = family.read_weights(mod)
-    _, r, alpha, _ = _expert_lora_from_adapter(cfg, sd, name, gate.shape[0], gate.shape[2])
+    _, r, alpha, _ = _expert_lora_from_adapter(cfg, sd, name, gate.shape[0], gate.shape[2], gate.shape[1],
+                                               bool(getattr(mod, "is_transposed", False)))
     convert_model(model, lora_rank=r, lora_alpha=alpha, **convert_kwargs)
     expert_keys = set(family.target_parameters)
     targets = cfg.target_modules
@@ -415,9 +421,11 @@ def peft_reference(model: nn.Module, config, state_dict: Optional[Mapping[str, t
     if block_diagonal:
         for mod in pm.modules():
             if type(mod).__name__ == "ParamWrapper" and mod.parameter_name == "gate_up_proj":
-                for adapter, lin in mod.lora_B.items():
+                # the off-diagonal blocks live in lora_B, or in lora_A in the swapped orientation (peft 0.18)
+                swapped = peft_swaps(bool(getattr(mod.get_base_layer(), "is_transposed", False)))
+                for adapter, lin in (mod.lora_A if swapped else mod.lora_B).items():
                     w = lin.weight
-                    mask = block_diagonal_mask(w.detach(), mod.num_experts)
+                    mask = block_diagonal_mask(w.detach(), mod.num_experts, swapped=swapped)
                     w.register_hook(lambda g, mask=mask: g * mask.to(g.dtype))
     return pm
 

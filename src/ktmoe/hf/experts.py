@@ -14,8 +14,9 @@ Differences from the plain `KTMoEExperts`:
 * `mode="inference"` (methods without `_SFT`): forward only, LoRA applied when given (frozen).
 * Its state dict is PEFT's: the six matrices appear as the `target_parameters` LoRA of the fused expert
   tensors (`base_layer.lora_A.<adapter>.weight` [E*2r, H] ... `lora_B.<adapter>.weight` [H, r*E], see
-  `ktmoe.hf.adapter`), never under their own names. `load_state_dict` takes that layout (with or without the
-  adapter name) or the six names.
+  `ktmoe.hf.adapter`; with peft 0.18 the swapped orientation, A [E*2r, 2I] / B [H, 2r*E], see
+  `ktmoe.hf.peft_layout`), never under their own names. `load_state_dict` takes that layout (with or without the
+  adapter name, either orientation) or the six names.
 * For PEFT it is a tuner layer (`peft.tuners.tuners_utils.BaseTunerLayer`): `get_peft_model_state_dict`,
   `PeftModel.save_pretrained` (so `Trainer.save_model` and its checkpoints), `load_adapter` (so
   `resume_from_checkpoint`), `disable_adapter()`, `set_adapter`, `merge_and_unload()` and `unload()` all see the
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from ..lora import LORA_NAMES
-from .peft_layout import expert_lora_to_peft, peft_to_expert_lora
+from .peft_layout import expert_lora_to_peft, identify_layer, peft_swaps, peft_to_expert_lora
 from ..sft.base import is_dtensor
 from ..torch_module import KTMoEExperts, KTMoEFunction, flatten_routing, live_saved_forwards  # noqa: F401 (re-exported)
 
@@ -260,7 +261,9 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
         """{key relative to this module (with the adapter name): tensor} in PEFT's target_parameters layout."""
         if self.lora_rank == 0 or self.lora_removed:
             return {}
-        t = expert_lora_to_peft(dict(zip(LORA_NAMES, self.lora_parameters)))
+        # in the installed PEFT's orientation, as PEFT itself would save the unconverted model
+        t = expert_lora_to_peft(dict(zip(LORA_NAMES, self.lora_parameters)),
+                                swapped=peft_swaps(getattr(self, "source_transposed", False)))
         ad = self._adapter_name
         return {peft_key(GATE_UP_A, ad): t["gate_up_proj"][0], peft_key(GATE_UP_B, ad): t["gate_up_proj"][1],
                 peft_key(DOWN_A, ad): t["down_proj"][0], peft_key(DOWN_B, ad): t["down_proj"][1]}
@@ -328,6 +331,10 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
 
         a_gu, b_gu, a_d, b_d = found
         s = self.scaling
+        # either PEFT orientation, told by shape (a checkpoint may come from another peft version)
+        (a_gu, b_gu), (a_d, b_d), _ = identify_layer(
+            (a_gu, b_gu), (a_d, b_d), hidden=self.hidden_dim, intermediate=self.intermediate_dim,
+            num_experts=self.num_experts, prefer_swapped=peft_swaps(getattr(self, "source_transposed", False)))
         lora, r, _, exact = peft_to_expert_lora((a_gu, b_gu), (a_d, b_d), num_experts=self.num_experts,
                                                 gate_up_scale=s, down_scale=s)
         if not exact or r != self.lora_rank:

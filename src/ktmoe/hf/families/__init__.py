@@ -54,6 +54,8 @@ class MoEFamily:
     read_weights: Callable[[nn.Module], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
         default=read_fused_experts)
     tiny: Dict[str, object] = field(default_factory=dict)  # config kwargs of a tiny model for tests / smoke runs
+    # raises when the installed transformers cannot run this config (checked by convert_model / from_pretrained)
+    check_transformers: Optional[Callable[[object], None]] = None
 
     def top_k(self, config) -> int:
         return int(config.num_experts_per_tok)
@@ -70,6 +72,8 @@ class MoEFamily:
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{self.name}: hidden_act={act!r}; ktmoe's expert kernels implement silu only")
+        if self.check_transformers is not None:
+            self.check_transformers(config)
 
 
 _FAMILIES: Dict[str, MoEFamily] = {}

@@ -2,6 +2,35 @@
 first `first_k_dense_replace` layers are dense and have no routed experts."""
 from . import MoEFamily
 
+
+def _check_transformers(config) -> None:
+    """transformers 5.6's DeepseekV2Moe.route_tokens_to_experts reads `self.num_experts` for
+    topk_method="group_limited_greedy" (DeepSeek-V2 / V2-Chat; V2-Lite is "greedy") but never sets it: the
+    unconverted model fails in its first forward, and so would the converted one (the router stays
+    transformers'). Told by running that router on meta tensors (no memory, no compute); 5.24 routes in a
+    DeepseekV2TopkRouter instead and has no such method."""
+    if getattr(config, "topk_method", "greedy") != "group_limited_greedy":
+        return
+    import torch
+    import transformers
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as mod
+
+    with torch.device("meta"):
+        block = mod.DeepseekV2Moe(config)
+        route = getattr(block, "route_tokens_to_experts", None)
+        if route is None:
+            return
+        try:
+            route(torch.zeros(1, 1, config.n_routed_experts))
+        except AttributeError as e:
+            raise ValueError(f"deepseek_v2: transformers {transformers.__version__}'s DeepseekV2Moe cannot route "
+                             f"topk_method='group_limited_greedy' ({e}; its forward fails before ktmoe is "
+                             "involved): install a newer transformers (5.24 works), or use a config with "
+                             "topk_method='greedy'") from None
+        except Exception:  # anything else is not this defect; the model's own forward will tell
+            return
+
+
 FAMILY = MoEFamily(
     name="deepseek_v2",
     experts_classes=("DeepseekV2Experts",),
@@ -13,4 +42,5 @@ FAMILY = MoEFamily(
               num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16,
               qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.0,
               topk_method="group_limited_greedy", n_group=2, topk_group=1),
+    check_transformers=_check_transformers,
 )

@@ -4,7 +4,9 @@ from . import MoEFamily
 
 FAMILY = MoEFamily(
     name="deepseek_v3",
-    experts_classes=("DeepseekV3Experts",),
+    # transformers 5.6 names the same fused module (gate_up_proj [E, 2I, H], down_proj [E, H, I], routed by
+    # DeepseekV3MoE before the call) DeepseekV3NaiveMoe
+    experts_classes=("DeepseekV3Experts", "DeepseekV3NaiveMoe"),
     attention_targets=("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
     routing="sigmoid scores, grouped top-k on scores + e_score_correction_bias, weights gathered from the "
             "uncorrected scores, renormalised when norm_topk_prob, times routed_scaling_factor, all in "
