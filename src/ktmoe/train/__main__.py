@@ -21,7 +21,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CheckpointError as e:
         print(f"ktmoe.train: error: {e}", file=sys.stderr)
         return 2
-    print(result.summary(), flush=True)
+    if result.is_main:  # under torchrun only rank 0 reports
+        print(result.summary(), flush=True)
     return 0
 
 

@@ -15,6 +15,7 @@ import torch
 
 from .. import hf
 from . import checkpoint as ckpt_io
+from . import distributed as dist_io
 from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .data import DEFAULT_DATA, Batches, ByteTokenizer, Dataset, build_dataset, load_conversations
@@ -44,6 +45,7 @@ class TrainResult:
     adapter_dir: str
     checkpoint_dir: str
     description: Dict[str, str]
+    is_main: bool = True  # False on ranks other than 0 under torchrun (they neither write nor report)
 
     @property
     def losses(self) -> List[float]:
@@ -254,19 +256,35 @@ def checkpoint_bytes(model) -> int:
 
 def run_steps(model, optimizer, scheduler, batches: Batches, start: int, end: int, device: torch.device,
               cfg: TrainConfig, stats: RunStats, label: str,
-              on_step: Optional[Callable[[int], None]] = None) -> RunStats:
-    """Trains steps [start, end); appends each step's loss to stats."""
+              on_step: Optional[Callable[[int], None]] = None,
+              dctx: Optional[dist_io.DistContext] = None) -> RunStats:
+    """Trains steps [start, end); appends each step's loss to stats. With an active dctx: this rank's rows of
+    each global batch, the loss over the global label-token count, gradients summed over ranks; the losses and
+    token counts recorded are the global batch's."""
     params = [p for _, p in hf.trainable_parameters(model)]
+    ddp = dctx is not None and dctx.active
     model.train()
-    prog = Progress(end, label, cfg.progress, cfg.log_every)
+    prog = Progress(end, label, cfg.progress and (dctx is None or dctx.is_main), cfg.log_every)
     t_timed = None
     for step in range(start, end):
         t_step = time.perf_counter()
-        b = {k: v.to(device) for k, v in batches.batch(step).items()}
-        ntok = int(b["attention_mask"].sum())
-        out = model(**b)
-        loss = out.loss
-        loss.backward()
+        if ddp:
+            gb = batches.batch(step)
+            ntok = int(gb["attention_mask"].sum())
+            b = {k: v.to(device) for k, v in dist_io.shard_rows(gb, dctx.rank, dctx.world_size).items()}
+            # sum over this rank's label tokens / the global count: the ranks' losses (and grads) add up to
+            # the single-process mean
+            out = model(**b, num_items_in_batch=dist_io.label_tokens(gb))
+            loss = out.loss
+            loss.backward()
+            dist_io.all_reduce_grads(params)
+            loss = dist_io.all_reduce_sum(loss)
+        else:
+            b = {k: v.to(device) for k, v in batches.batch(step).items()}
+            ntok = int(b["attention_mask"].sum())
+            out = model(**b)
+            loss = out.loss
+            loss.backward()
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
@@ -322,18 +340,22 @@ def describe(cfg: TrainConfig, base, model, data: Dataset, device, dtype) -> Dic
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Runs the job described by cfg (validated already: see config.make_config / load_config)."""
+    """Runs the job described by cfg (validated already: see config.make_config / load_config). Under torchrun
+    (WORLD_SIZE > 1) or inside an initialized process group: data parallel, see ktmoe.train.distributed."""
     threads = cfg.torch_threads or (1 if cfg.model is None else 0)
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    dctx = dist_io.from_env()
     try:
-        return _train(cfg)
+        return _train(cfg, dctx)
     finally:
+        dctx.close()
         torch.set_num_threads(before)
 
 
-def _train(cfg: TrainConfig) -> TrainResult:
+def _train(cfg: TrainConfig, dctx: Optional[dist_io.DistContext] = None) -> TrainResult:
+    dctx = dctx or dist_io.DistContext()
     resume_path = None
     if cfg.resume:  # refused before anything is built: incomplete, corrupt, mixed or another run's
         resume_path = ckpt_io.find_latest(cfg.output_dir, cfg.to_dict()) if cfg.resume == "latest" else cfg.resume
@@ -346,12 +368,19 @@ def _train(cfg: TrainConfig) -> TrainResult:
     data = load_data(cfg, tokenizer)
     batches = Batches(data, cfg.batch_size, cfg.seed)
     total = cfg.resolved_steps(batches.steps_per_epoch)
-    compare = cfg.resolved_compare and cfg.resume is None
+    compare = cfg.resolved_compare and cfg.resume is None and not dctx.active
+    if dctx.active and cfg.batch_size < dctx.world_size:
+        raise CheckpointError(f"batch_size {cfg.batch_size} < world size {dctx.world_size}: every rank needs at "
+                              "least one row of each global batch; raise --batch-size")
 
     base = build_base_model(cfg, tokenizer) if cfg.model is None else load_ktmoe_model(cfg, dtype)
     ref_base = copy.deepcopy(base) if compare and cfg.model is None else None
     model = setup_ktmoe(cfg, base, device, dtype)
     init_sd, init_lcfg = hf.adapter_state_dict(model) if compare else (None, None)
+    if dctx.active:
+        why = dist_io.check_model(hf.base_model_of(model))
+        if why:
+            raise CheckpointError(f"torchrun: {why}")
     optimizer, scheduler = make_optimizer(cfg, model, total)
     start, stats = 0, RunStats()
     run_id = ckpt_io.new_run_id()
@@ -361,22 +390,33 @@ def _train(cfg: TrainConfig) -> TrainResult:
         if start >= total:
             raise CheckpointError(f"resume: the checkpoint is at step {start}, the run has {total} steps")
     # where checkpoints go must be writable and roomy before any training (two checkpoints: old + new)
-    ckpt_io.check_output_dir(cfg.output_dir, 2 * checkpoint_bytes(model))
+    # (only rank 0 writes, so only rank 0 probes)
+    if dctx.is_main:
+        ckpt_io.check_output_dir(cfg.output_dir, 2 * checkpoint_bytes(model))
     desc = describe(cfg, base, model, data, device, dtype)
     if cfg.resume and cfg.compare:
         desc["note"] = "the plain PyTorch comparison runs from step 0 only: skipped when resuming"
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    if dctx.active:
+        desc["data"] += f", split over {dctx.world_size} ranks (torchrun, gloo)"
+        if cfg.compare:
+            desc["note"] = "the plain PyTorch comparison is single-process only: skipped under torchrun"
+    if dctx.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
 
     def on_step(step: int) -> None:
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            save_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{step}"), model, optimizer, scheduler, step,
-                            stats, cfg, run_id)
+            if dctx.is_main:
+                save_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{step}"), model, optimizer, scheduler,
+                                step, stats, cfg, run_id)
+            dctx.barrier()  # no rank runs ahead of a checkpoint it might be asked to resume from
 
-    run_steps(model, optimizer, scheduler, batches, start, total, device, cfg, stats, "ktmoe", on_step)
+    run_steps(model, optimizer, scheduler, batches, start, total, device, cfg, stats, "ktmoe", on_step, dctx)
     ckpt = os.path.join(cfg.output_dir, f"checkpoint-{total}")
-    save_checkpoint(ckpt, model, optimizer, scheduler, total, stats, cfg, run_id)
     adapter_dir = os.path.join(cfg.output_dir, "adapter")
-    hf.save_adapter(model, adapter_dir)
+    if dctx.is_main:
+        save_checkpoint(ckpt, model, optimizer, scheduler, total, stats, cfg, run_id)
+        hf.save_adapter(model, adapter_dir)
+    dctx.barrier()
     del model, base, optimizer, scheduler
 
     ref_stats = None
@@ -389,7 +429,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         ref = hf.peft_reference(ref_base, init_lcfg, {k: v.to(device) for k, v in init_sd.items()})
         r_opt, r_sched = make_optimizer(cfg, ref, total)
         ref_stats = run_steps(ref, r_opt, r_sched, batches, 0, total, device, cfg, RunStats(), "plain")
-    return TrainResult(cfg, total, start, stats, ref_stats, adapter_dir, ckpt, desc)
+    return TrainResult(cfg, total, start, stats, ref_stats, adapter_dir, ckpt, desc, dctx.is_main)
 
 
 # ---------------------------------------------------------------- report

@@ -1,0 +1,77 @@
+"""`python -m ktmoe.train` under torchrun (2 gloo ranks, 1 engine thread and 1 torch thread each): the same
+losses and adapter as one process on the same global batch, one output folder written by rank 0, exact resume."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+import torch.distributed as dist  # noqa: E402
+
+import ktmoe  # noqa: E402
+from tolerances import DIST_REORDER_REL, DIST_TRAIN_ADAPTER_REL, DIST_TRAIN_LOSS_REL  # noqa: E402
+
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+# the subprocesses import the ktmoe this process imported (CI installs it; a source tree has no native module)
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(ktmoe.__file__)))
+JOB = ["--steps", "4", "--batch-size", "4", "--save-every", "2", "--no-compare", "--cpuinfer-threads", "1",
+       "--torch-threads", "1", "--no-progress"]
+
+
+def _run(args, nproc=None):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+               OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+                                 if nproc else [])
+    proc = subprocess.run(launch + ["-m", "ktmoe.train"] + JOB + args, capture_output=True, text=True, env=env,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _losses(folder):
+    return torch.load(os.path.join(folder, "checkpoint-4", "trainer_state.pt"), weights_only=False)["losses"]
+
+
+def _adapter(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "adapter", "adapter_model.safetensors"))
+
+
+def _tree(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def test_torchrun_equals_one_process_and_resumes_exactly(tmp_path):
+    single, full, resumed = (str(tmp_path / n) for n in ("single", "dist", "resumed"))
+    _run(["--output-dir", single])
+    proc = _run(["--output-dir", full], nproc=2)
+    assert proc.stdout.count("ktmoe.train summary") == 1  # rank 0 reports, rank 1 is silent
+    assert "split over 2 ranks" in proc.stdout
+
+    a, b = _losses(single), _losses(full)
+    assert len(a) == len(b) == 4
+    assert abs(a[0] - b[0]) <= DIST_REORDER_REL * abs(a[0]), (a, b)  # before any update
+    assert all(abs(x - y) <= DIST_TRAIN_LOSS_REL * abs(x) for x, y in zip(a, b)), (a, b)
+    sa, sb = _adapter(single), _adapter(full)
+    assert sorted(sa) == sorted(sb)
+    worst = max(float((sa[k] - sb[k]).norm() / sa[k].norm()) for k in sa)
+    assert worst <= DIST_TRAIN_ADAPTER_REL, worst
+
+    # one output folder, the same files as the single-process run's (no second rank's copies, no temporaries)
+    assert _tree(full) == _tree(single), (_tree(full), _tree(single))
+
+    # resume mid-run under torchrun: every rank restores the step-2 checkpoint; the rest is recomputed exactly
+    proc = _run(["--output-dir", resumed, "--resume", os.path.join(full, "checkpoint-2")], nproc=2)
+    assert "(resumed)" in proc.stdout
+    assert _losses(resumed) == b
+    sr = _adapter(resumed)
+    assert all(torch.equal(sr[k], sb[k]) for k in sb), max(float((sr[k] - sb[k]).abs().max()) for k in sb)
