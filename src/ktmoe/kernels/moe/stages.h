@@ -365,20 +365,20 @@ static void fwd_gate_up_task(void *arg, int part, int task, int tid) {
     bf16_t gtmp[KT_MAX_NB], utmp[KT_MAX_NB];
     for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += a->mc) {
         int m = (int)zmin((size_t)a->mc, (size_t)(ctx->expert_off[e + 1] - p0));
-        if (L->act_quant) {
-            for (int i = 0; i < m; i++) {
-                int t = ctx->pair_tok[p0 + i];
-                rw.qrows[i] = a->xq + (size_t)t * H;
-                rw.qs[i] = a->xs[t];
-            }
-        } else {
-            rows_by_token(rw.rows, ctx, ctx->x, (size_t)H, p0, m);
-        }
-        if (packed(a, e)) {
+        if (packed(a, e)) { /* (never under W8A8) */
             const char *px = a->xp + a->xoff[e];
             S->bop_gemm_px(S, m, px, p0 - ctx->expert_off[e], &bg, cg, (size_t)NB);
             S->bop_gemm_px(S, m, px, p0 - ctx->expert_off[e], &bu, cu, (size_t)NB);
         } else {
+            if (L->act_quant) {
+                for (int i = 0; i < m; i++) {
+                    int t = ctx->pair_tok[p0 + i];
+                    rw.qrows[i] = a->xq + (size_t)t * H;
+                    rw.qs[i] = a->xs[t];
+                }
+            } else {
+                rows_by_token(rw.rows, ctx, ctx->x, (size_t)H, p0, m);
+            }
             fwd_w_gemm(a, m, &rw, &bg, cg, (size_t)NB);
             fwd_w_gemm(a, m, &rw, &bu, cu, (size_t)NB);
         }
@@ -452,19 +452,20 @@ static void fwd_down_task(void *arg, int part, int task, int tid) {
     for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += a->mc) {
         int m = (int)zmin((size_t)a->mc, (size_t)(ctx->expert_off[e + 1] - p0));
         float *c = b.pairs + (size_t)p0 * H + n0;
-        if (L->act_quant) {
-            for (int i = 0; i < m; i++) {
-                rw.qrows[i] = a->hq[part] + (size_t)(p0 + i) * Ip;
-                rw.qs[i] = a->hs[p0 + i];
-            }
-        } else {
-            rows_by_pair(rw.rows, a->h[part], (size_t)Ip, p0, m);
-        }
-        if (packed(a, e))
+        if (packed(a, e)) { /* (never under W8A8) */
             a->S->bop_gemm_px(a->S, m, a->hp[part] + a->hoff[(size_t)part * ctx->E + e], p0 - ctx->expert_off[e],
                               &bd, c, (size_t)H);
-        else
+        } else {
+            if (L->act_quant) {
+                for (int i = 0; i < m; i++) {
+                    rw.qrows[i] = a->hq[part] + (size_t)(p0 + i) * Ip;
+                    rw.qs[i] = a->hs[p0 + i];
+                }
+            } else {
+                rows_by_pair(rw.rows, a->h[part], (size_t)Ip, p0, m);
+            }
             fwd_w_gemm(a, m, &rw, &bd, c, (size_t)H);
+        }
         if (r > 0 && !add_lora_out(a, tid, c, (size_t)H, m, nb, ctx->ad[part] + (size_t)p0 * r,
                                    L->down_b + ((size_t)e * H + (size_t)n0) * r, r, a->s)) {
             fail(a, 2, 0);

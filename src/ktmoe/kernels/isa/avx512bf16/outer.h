@@ -10,7 +10,7 @@
 
 #include <immintrin.h>
 
-#include "../../base.h"
+#include "gemm.h"
 
 #define KT_OUTER_AI static inline __attribute__((always_inline))
 
@@ -19,10 +19,8 @@ KT_OUTER_AI void kt_outer_block(const int JR, int M, const float *coef, size_t l
     __m512 acc[6][4];
     for (int i = 0; i < JR; i++)
         for (int q = 0; q < 4; q++) acc[i][q] = _mm512_setzero_ps();
-    const __mmask16 m0 = (__mmask16)(nb >= 16 ? 0xffff : (1u << nb) - 1u);
-    const __mmask16 m1 = (__mmask16)(nb >= 32 ? 0xffff : nb > 16 ? (1u << (nb - 16)) - 1u : 0u);
-    const __mmask16 m2 = (__mmask16)(nb >= 48 ? 0xffff : nb > 32 ? (1u << (nb - 32)) - 1u : 0u);
-    const __mmask16 m3 = (__mmask16)(nb >= 64 ? 0xffff : nb > 48 ? (1u << (nb - 48)) - 1u : 0u);
+    const __mmask16 m0 = kt_mask16(nb), m1 = kt_mask16(nb > 16 ? nb - 16 : 0);
+    const __mmask16 m2 = kt_mask16(nb > 32 ? nb - 32 : 0), m3 = kt_mask16(nb > 48 ? nb - 48 : 0);
     for (int p = 0; p < M; p++) {
         const float *xp = x + (size_t)p * ldx, *cp = coef + (size_t)p * ldcoef;
         __m512 x0, x1, x2, x3;

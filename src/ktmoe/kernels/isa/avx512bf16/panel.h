@@ -195,9 +195,13 @@ static void kt_px_gemm(int M, int N, int K, const void *px, const bf16_t *w, siz
 
 /* ---- the slots ---- */
 
-/* The NT weight operand as rows (kt_bop_*_rows) plus the C^T scratch of kt_px_gemm. */
+/* The NT weight operand as rows (kt_bop_*_rows) plus, after it, the C^T scratch of kt_px_gemm. */
+static size_t kt_px_rows_bytes(const kt_slots *S, const kt_wmat *w, int trans, int nr, int nc, int m) {
+    return (kt_bop_bytes_rows(S, w, trans, nr, nc, m) + 63) & ~(size_t)63;
+}
+
 static size_t kt_px_bop_bytes(const kt_slots *S, const kt_wmat *w, int trans, int nr, int nc, int m) {
-    size_t rows = (kt_bop_bytes_rows(S, w, trans, nr, nc, m) + 63) & ~(size_t)63;
+    size_t rows = kt_px_rows_bytes(S, w, trans, nr, nc, m);
     return trans == KT_NT && m >= S->blk.xpack_min_m ? rows + sizeof(float) * (size_t)nr * KT_PX_LD + 64 : rows;
 }
 
@@ -205,7 +209,7 @@ static void kt_px_bop_prep(const kt_slots *S, const kt_wmat *w, int e, int r0, i
                            int m, void *scratch, kt_bop *b) {
     kt_bop_prep_rows(S, w, e, r0, nr, c0, nc, trans, m, scratch, b);
     if (trans == KT_NT && m >= S->blk.xpack_min_m)
-        b->work = (char *)scratch + ((kt_bop_bytes_rows(S, w, trans, nr, nc, m) + 63) & ~(size_t)63);
+        b->work = (char *)scratch + kt_px_rows_bytes(S, w, trans, nr, nc, m);
 }
 
 static void kt_px_bop_gemm(const kt_slots *S, int M, const void *px, int m0, const kt_bop *b, float *c, size_t ldc) {
