@@ -1,0 +1,4 @@
+"""More than one process on torch.distributed: expert parallelism, DDP with the experts on the CPU, shared weights.
+
+ktmoe adds no transport of its own: every exchange is a torch.distributed collective (gloo for CPU tensors, NCCL
+where GPUs are). See docs/distributed.md for the modes and when to use which."""
