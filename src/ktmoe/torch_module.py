@@ -32,6 +32,33 @@ def live_saved_forwards() -> int:
     return len(_SAVED)
 
 
+def stash_saved(saved) -> torch.Tensor:
+    """A one-element handle tensor for a forward's native activations: they live as long as the handle (give it to
+    ctx.save_for_backward), or until `take_saved` hands them to the backward."""
+    key = next(_KEYS)
+    handle = torch.tensor([key], dtype=torch.int64)
+    _SAVED[key] = saved
+    weakref.finalize(handle, _drop, key)
+    return handle
+
+
+def take_saved(handle: torch.Tensor):
+    saved = _SAVED.pop(int(handle[0]), None)
+    if saved is None:
+        raise RuntimeError("ktmoe: backward through the same experts call twice (retain_graph is not "
+                           "supported; recompute the forward instead)")
+    return saved
+
+
+def lora_grads_as(grads: Dict[str, torch.Tensor], meta) -> list:
+    """The six LoRA grads of a native backward in the dtype / device of the parameters they are for."""
+    out = []
+    for name, (dtype, device) in zip(LORA_NAMES, meta):
+        g = grads.get(name)
+        out.append(None if g is None else g.to(dtype=dtype, device=device))
+    return out
+
+
 def flatten_routing(hidden_states: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor):
     """[..., H], [..., k], [..., k] -> [T, H], [T, k] int ids, [T, k] fp32/bf16 weights (what the wrapper takes)."""
     for name, t in (("hidden_states", hidden_states), ("expert_ids", expert_ids), ("weights", weights)):
@@ -68,10 +95,7 @@ class KTMoEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, wrapper: BaseSFTMoEWrapper, hidden_states, expert_ids, weights, *lora):
         y, saved = wrapper._run_forward(hidden_states, expert_ids, weights, True)
-        key = next(_KEYS)
-        handle = torch.tensor([key], dtype=torch.int64)
-        _SAVED[key] = saved
-        weakref.finalize(handle, _drop, key)
+        handle = stash_saved(saved)
         # the LoRA tensors too: backward binds the ones autograd hands back, valid at backward time even when
         # their storage moved since the forward (FSDP2 frees it at reshard and re-gathers it for backward)
         ctx.save_for_backward(handle, *lora)
@@ -83,16 +107,9 @@ class KTMoEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         handle, *lora = ctx.saved_tensors
-        saved = _SAVED.pop(int(handle[0]), None)
-        if saved is None:
-            raise RuntimeError("ktmoe: backward through the same experts call twice (retain_graph is not "
-                               "supported; recompute the forward instead)")
+        saved = take_saved(handle)
         grad_input, grads = ctx.wrapper._run_backward(saved, grad_output.contiguous(), lora=lora or None)
-        lora_grads = []
-        for name, (dtype, device) in zip(LORA_NAMES, ctx.lora_meta):
-            g = grads.get(name)
-            lora_grads.append(None if g is None else g.to(dtype=dtype, device=device))
-        return (None, grad_input, None, grads["weights"].to(ctx.weights_dtype), *lora_grads)
+        return (None, grad_input, None, grads["weights"].to(ctx.weights_dtype), *lora_grads_as(grads, ctx.lora_meta))
 
 
 class KTMoEExperts(nn.Module):
@@ -131,9 +148,12 @@ class KTMoEExperts(nn.Module):
             p = getattr(self, name)
             if name.endswith("_a"):
                 bound = 1.0 / math.sqrt(p.shape[-1])  # kaiming_uniform_(a=sqrt(5)) as nn.Linear / PEFT
-                p.uniform_(-bound, bound, generator=generator)
+                self._draw_uniform(p, bound, generator)
             else:
                 p.zero_()
+
+    def _draw_uniform(self, p: torch.Tensor, bound: float, generator: Optional[torch.Generator]) -> None:
+        p.uniform_(-bound, bound, generator=generator)
 
     def _bind(self) -> None:
         if self.wrapper.lora_rank == 0:  # frozen experts: nothing to bind

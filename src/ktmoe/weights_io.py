@@ -347,10 +347,14 @@ def _check_file(path: str, f, entry: Dict[str, Any], spec: Dict[str, Tuple[torch
 
 def _read_tensor(path: str, f, key: str, dtype: torch.dtype, shape: Tuple[int, ...],
                  order: Optional[torch.Tensor], mmap: bool = False, check_finite: bool = True,
-                 weight_format: Optional[WeightFormat] = None) -> torch.Tensor:
+                 weight_format: Optional[WeightFormat] = None,
+                 experts: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     try:
         if order is None:
             t = f.get_tensor(key)  # a view of safetensors' (copy-on-write) mapping of the file
+            if experts is not None:  # a block of the experts: only its pages are ever touched
+                t = t[experts[0]:experts[1]]
+                shape = (experts[1] - experts[0],) + tuple(shape[1:])
             if not mmap:  # owned memory: the file may change or vanish afterwards
                 t = t.clone()
         else:  # expert by expert into the destination: no second full copy for the permutation
@@ -382,10 +386,12 @@ def _read_tensor(path: str, f, key: str, dtype: torch.dtype, shape: Tuple[int, .
 def read_layer(folder: str, layer_idx: int, weight_format: WeightFormat, E: int, H: int, I: int,
                group_size: int = 128, order: Optional[torch.Tensor] = None, *,
                checksum: Optional[bool] = None, mmap: bool = False,
-               check_finite: bool = True) -> Tuple[Packed, Packed, Packed]:
+               check_finite: bool = True, experts: Optional[Tuple[int, int]] = None) -> Tuple[Packed, Packed, Packed]:
     """Reads layer `layer_idx` of a weight folder as (gate, up, down) `Packed` for `weight_format`.
 
     order: None, or an int64 tensor [E] with order[p] = the file's expert that goes to slot p.
+    experts: None (all E), or (first, end): only the file's experts first .. end - 1 (expert parallelism: one
+    rank's block; the layer then has end - first experts). Not with order.
     checksum: also verify the file's sha256 against the manifest (default: $KTMOE_WEIGHTS_CHECKSUM == "1";
     the file's size is always checked). mmap=False (default): the tensors are copied out of the file into
     memory they own; mmap=True: they stay views of the file's mapping (the caller must detect a changed
@@ -409,6 +415,12 @@ def read_layer(folder: str, layer_idx: int, weight_format: WeightFormat, E: int,
     if checksum and entry.get("sha256") and file_sha256(path) != entry["sha256"]:
         raise WeightFileError(f"{path}: sha256 differs from the manifest's (corrupt file); convert this layer "
                               "again")
+    if experts is not None:
+        if order is not None:
+            raise ValueError("read_layer(): order= and experts= do not combine")
+        first, end = experts
+        if not (0 <= first < end <= E):
+            raise ValueError(f"experts=({first}, {end}) is not a block of the file's {E} experts")
     if order is not None:
         order = torch.as_tensor(order).to("cpu", torch.int64)
         if order.shape != (E,) or (E and (int(order.min()) < 0 or int(order.max()) >= E)):
@@ -427,8 +439,10 @@ def read_layer(folder: str, layer_idx: int, weight_format: WeightFormat, E: int,
             parts = {}
             for part in PARTS:
                 key = f"{which}.{part}"
-                parts[part] = (_read_tensor(path, f, key, *spec[key], order, mmap, check_finite, weight_format)
-                               if key in spec else None)
+                parts[part] = (_read_tensor(path, f, key, *spec[key], order, mmap, check_finite, weight_format,
+                                            experts) if key in spec else None)
+            if experts is not None:
+                shape = (experts[1] - experts[0],) + tuple(shape[1:])
             group, block_rows = _blocks_of(weight_format, shape[2], group_size, block)
             out.append(Packed(parts["data"], parts["scale"], parts["zero"], shape, group, block_rows))
     if stat_key(path) != before:

@@ -205,8 +205,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default"):
     """(state_dict, LoraConfig) of a converted model's adapter, exactly as PEFT would save them for the
     unconverted model with `lora_config(...)` (fp32 tensors).
 
-    Under FSDP2 (parameters sharded as DTensors) every rank must call it: the shards are gathered, in model
-    order, and every rank gets the whole state dict."""
+    Under FSDP2 (parameters sharded as DTensors) and expert parallelism (each rank holds a block of the experts)
+    every rank must call it: the shards are gathered, in model order, and every rank gets the whole state dict."""
     peft = _peft()
     from peft.utils import get_peft_model_state_dict
 
@@ -237,7 +237,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default"):
     cfg.base_model_name_or_path = cfg.base_model_name_or_path or getattr(base.config, "_name_or_path", None) or None
     cfg.inference_mode = True
     for name, m in experts.items():
-        peft_t = expert_lora_to_peft({n: _whole(p) for n, p in zip(LORA_NAMES, m.lora_parameters)},
+        peft_t = expert_lora_to_peft(m.whole_lora(),
                                      swapped=peft_swaps(getattr(m, "source_transposed", False)))
         pre = _PREFIX + name + "."
         sd[pre + GATE_UP_SUB + "lora_A.weight"], sd[pre + GATE_UP_SUB + "lora_B.weight"] = peft_t["gate_up_proj"]
@@ -250,8 +250,8 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
     `peft.PeftModel.from_pretrained(unconverted_model, path)` with no ktmoe involved.
     (`peft_model.save_pretrained` does not know the expert modules: use this.)
 
-    Under torch.distributed only rank 0 writes (one folder, no two ranks writing the same files). Under FSDP2
-    every rank must call it (the shards are gathered to a whole adapter, a collective); under DDP, where every
+    Under torch.distributed only rank 0 writes (one folder, no two ranks writing the same files). Under FSDP2 and
+    expert parallelism every rank must call it (the shards are gathered to a whole adapter, a collective); under DDP, where every
     rank holds the whole adapter, calling it on rank 0 alone is enough."""
     from safetensors.torch import save_file
 
@@ -334,7 +334,7 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
             raise ValueError(f"{path}: expert LoRA of {name} needs rank {r}, alpha {alpha:g}; the model was "
                              f"converted with rank {m.lora_rank}, alpha {m.lora_alpha:g} (use ktmoe.hf.from_adapter)")
         for n, p in zip(LORA_NAMES, m.lora_parameters):
-            p.copy_(lora[n])
+            p.copy_(m.own_block(lora[n]))  # expert parallel: this rank's experts
     rest = _strip_adapter_keys(sd, experts)
     if not rest:
         return

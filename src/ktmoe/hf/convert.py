@@ -12,6 +12,7 @@ from torch import nn
 from .experts import KTMoEHFExperts
 from .model_walk import base_model_of, routed_experts, unwrap_model  # noqa: F401 (re-exported)
 from .families import get_family
+from ..parallel.expert_parallel import exchange_group, placement
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 DEFAULT_SFT_METHOD = "AMXBF16_SFT"
@@ -120,12 +121,24 @@ def _check_options(mode, method, lora_rank, lora_alpha, weight_path, group_size,
     return per_group
 
 
+def _expert_parallel_group(expert_parallel, process_group):
+    """The group the expert-parallel exchanges run on (None: not expert parallel)."""
+    if not isinstance(expert_parallel, bool):
+        raise TypeError(f"expert_parallel must be True or False, got {expert_parallel!r}")
+    if not expert_parallel:
+        if process_group is not None:
+            raise ValueError("process_group= is for expert_parallel=True")
+        return None
+    return exchange_group(process_group)
+
+
 @torch.no_grad()
 def convert_model(model: nn.Module, *, lora_rank: Optional[int] = None, lora_alpha: Optional[float] = None,
                   mode: str = "sft", method: Optional[str] = None, cpuinfer_threads: Optional[int] = None,
                   threadpool_count: int = 1, weight_path: Optional[str] = None, group_size: Optional[int] = None,
                   seed: Optional[int] = None, generator: Optional[torch.Generator] = None, lora_dropout: float = 0.0,
-                  num_gpu_experts: int = 0, **wrapper_options) -> nn.Module:
+                  num_gpu_experts: int = 0, expert_parallel: bool = False, process_group=None,
+                  **wrapper_options) -> nn.Module:
     """Replaces, in place, every routed-experts module of a transformers v5 MoE model (qwen3_moe, qwen2_moe,
     mixtral, deepseek_v2, deepseek_v3) by a `KTMoEHFExperts`: the frozen expert weights are packed into the
     ktmoe engine (CPU memory) and the original tensors are released; six trainable fp32 LoRA parameters
@@ -142,6 +155,14 @@ def convert_model(model: nn.Module, *, lora_rank: Optional[int] = None, lora_alp
     (K-group methods only): default, the largest valid size <= 128 (`default_group_size`).
     chunked_prefill_size, subpool_cpus, numa_local go to the wrapper as they are; any other keyword is refused.
 
+    expert_parallel=True (torch.distributed initialised; every rank of `process_group`, default the default
+    group, calls convert_model on the same model): each rank packs only its contiguous block of every layer's
+    experts (`ktmoe.parallel.expert_blocks`; from the model's tensors or from weight_path, which then reads only
+    that block) and every layer call exchanges the tokens with the owners (`ktmoe.parallel.expert_parallel`).
+    Every rank must then run every layer call (data-parallel training does); `ktmoe.hf.save_adapter` (every rank)
+    gathers one whole adapter, `load_adapter` / `from_adapter` give each rank its block. Each rank's LoRA
+    parameters are its block: they are not replicated, so keep them out of DDP and of any gradient all-reduce.
+
     Call it before `get_peft_model` / `ktmoe.hf.add_lora` (PEFT must not wrap the experts) and before moving
     the model to a GPU if the GPU cannot hold the experts (after conversion `model.to("cuda")` moves
     everything except the routed experts). LoRA A matrices are drawn from `generator` (or a new one seeded
@@ -150,6 +171,7 @@ def convert_model(model: nn.Module, *, lora_rank: Optional[int] = None, lora_alp
         method = DEFAULT_SFT_METHOD if mode == "sft" else DEFAULT_INFERENCE_METHOD
     per_group = _check_options(mode, method, lora_rank, lora_alpha, weight_path, group_size, lora_dropout,
                                num_gpu_experts, wrapper_options)
+    ep_group = _expert_parallel_group(expert_parallel, process_group)
     if lora_rank is None:
         lora_rank = 0
     if lora_alpha is None:
@@ -188,10 +210,12 @@ def convert_model(model: nn.Module, *, lora_rank: Optional[int] = None, lora_alp
         m = _LAYER_RE.search("." + name)
         layer_idx = int(m.group(1)) if m else i
         src = module.gate_up_proj
+        ep = None if not expert_parallel else placement(family.read_weights(module)[0].shape[0], ep_group)
         new = KTMoEHFExperts.from_module(module, family=family, num_experts_per_tok=k, lora_rank=lora_rank,
                                          lora_alpha=lora_alpha, layer_idx=layer_idx, generator=generator,
                                          cpuinfer_threads=cpuinfer_threads, threadpool_count=threadpool_count,
-                                         mode=mode, method=method, weight_path=weight_path, **extra)
+                                         mode=mode, method=method, weight_path=weight_path, expert_parallel=ep,
+                                         **extra)
         new.source_dtype = src.dtype if src.is_floating_point() else torch.bfloat16
         new.source_transposed = bool(getattr(module, "is_transposed", False))
         parent_name, _, attr = name.rpartition(".")

@@ -36,6 +36,8 @@ import torch
 from torch import nn
 
 from ..lora import LORA_NAMES
+from ..parallel import expert_parallel
+from ..parallel.expert_parallel import ExpertPlacement
 from .peft_layout import expert_lora_to_peft, identify_layer, peft_swaps, peft_to_expert_lora
 from ..sft.base import is_dtensor
 from ..torch_module import KTMoEExperts, KTMoEFunction, flatten_routing, live_saved_forwards  # noqa: F401 (re-exported)
@@ -122,23 +124,33 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
                  lora_alpha: float, source: str = "", mode: str = "sft", method: str = "AMXBF16_SFT",
                  layer_idx: int = 0, generator: Optional[torch.Generator] = None, weight_path: Optional[str] = None,
                  shape: Optional[Tuple[int, int, int]] = None, packed: Optional[tuple] = None,
-                 **wrapper_kwargs):
+                 expert_parallel: Optional[ExpertPlacement] = None, **wrapper_kwargs):
         nn.Module.__init__(self)
         from ..experts import KTMoEWrapper  # late: experts imports the sft package
 
+        ep = expert_parallel
         if packed is not None:  # (gate, up, down) Packed in the method's format, handed over (streaming loader)
-            E, I, H = packed[0].shape
+            E, I, H = packed[0].shape  # (only this rank's block under expert parallelism)
+            E = E if ep is None else ep.num_experts
         elif weight_path is None:
             if gate_proj.dim() != 3 or down_proj.dim() != 3:
                 raise ValueError(f"gate_proj must be [E, I, H] and down_proj [E, H, I], got "
                                  f"{tuple(gate_proj.shape)} and {tuple(down_proj.shape)}")
             E, I, H = gate_proj.shape
+            if ep is not None:  # this rank's block only
+                gate_proj, up_proj, down_proj = (t[ep.first:ep.end] for t in (gate_proj, up_proj, down_proj))
         else:
             if shape is None:
                 raise ValueError("weight_path= needs shape=(E, I, H)")
             E, I, H = shape
-        self._wrapper_args = dict(mode=mode, method=method, layer_idx=layer_idx, num_experts=E,
-                                  num_experts_per_tok=num_experts_per_tok, hidden_size=H, moe_intermediate_size=I,
+        if ep is not None and ep.num_experts != E:
+            raise ValueError(f"expert_parallel places {ep.num_experts} experts, this layer has {E}")
+        self.expert_parallel = ep
+        self._ep_owner = None if ep is None else ep.owner()
+        self._wrapper_args = dict(mode=mode, method=method, layer_idx=layer_idx,
+                                  num_experts=E if ep is None else ep.local_experts,
+                                  num_experts_per_tok=num_experts_per_tok if ep is None else
+                                  ep.local_k(num_experts_per_tok), hidden_size=H, moe_intermediate_size=I,
                                   lora_rank=lora_rank, lora_alpha=lora_alpha, weight_path=weight_path,
                                   **wrapper_kwargs)
         self.wrapper = KTMoEWrapper(**self._wrapper_args)
@@ -147,7 +159,7 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
         elif weight_path is None:
             self.wrapper.load_weights_from_tensors(gate_proj, up_proj, down_proj)
         else:
-            self.wrapper.load_weights()
+            self.wrapper.load_weights(experts=None if ep is None else (ep.first, ep.end))
         for name, sh in (self.wrapper.lora_shapes().items() if lora_rank > 0 else ()):
             self.register_parameter(name, nn.Parameter(torch.empty(sh, dtype=torch.float32),
                                                        requires_grad=mode == "sft"))
@@ -155,7 +167,7 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
             self.reset_lora_parameters(generator)
         self._bound: tuple = ()
         self._zeros: Optional[List[torch.Tensor]] = None
-        self.num_experts = E
+        self.num_experts = E  # all of the layer's, also under expert parallelism (the PEFT layout's E)
         self.hidden_dim = H
         self.intermediate_dim = I
         self.source = source  # class name of the module this replaced
@@ -238,6 +250,8 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
             lora = []
         grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or
                                             any(p.requires_grad for p in lora))
+        if self.expert_parallel is not None:
+            return self._forward_expert_parallel(x, ids, w, lora, grad).reshape(shape)
         if not self.trains:
             if grad and (x.requires_grad or w.requires_grad):
                 raise RuntimeError(f"{self.wrapper.method} is an inference method: the experts compute no "
@@ -250,10 +264,59 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
             y = KTMoEFunction.apply(self.wrapper, x, ids, w, *lora)
         return y.reshape(shape)
 
+    def _forward_expert_parallel(self, x, ids, w, lora, grad) -> torch.Tensor:
+        """Every rank of the group calls this layer (see ktmoe.parallel.expert_parallel); the exchanges move CPU
+        tensors, the result goes back to the input's device."""
+        dev = x.device
+        x, ids, w = (t.to("cpu") for t in (x, ids, w))
+        if not self.trains:
+            if grad and (x.requires_grad or w.requires_grad):
+                raise RuntimeError(f"{self.wrapper.method} is an inference method: the experts compute no "
+                                   "gradients; run under torch.no_grad() (generate() does), or convert with "
+                                   "mode='sft' and an *_SFT method to train")
+            y = expert_parallel.forward_no_grad(self, x, ids, w, self.wrapper.forward)
+        elif not grad:
+            y = expert_parallel.forward_no_grad(self, x, ids, w,
+                                                lambda a, b, c: self.wrapper._run_forward(a, b, c, False)[0])
+        else:
+            y = expert_parallel.ExpertParallelFunction.apply(self, x, ids, w, *lora)
+        return y.to(dev)
+
+    # ------------------------------------------------------------------ expert parallelism: the LoRA blocks
+    def whole_lora(self) -> Dict[str, torch.Tensor]:
+        """The six LoRA tensors of all the layer's experts: a sharded (FSDP2) parameter is gathered, and under
+        expert parallelism every rank's block; both are collectives every rank must join, in model order."""
+        out = {}
+        for n, p in zip(LORA_NAMES, self.lora_parameters):
+            t = p.detach()
+            if is_dtensor(t):
+                t = t.full_tensor()
+            if self.expert_parallel is not None:
+                t = expert_parallel.gather_blocks(t, self.expert_parallel)
+            out[n] = t
+        return out
+
+    def _draw_uniform(self, p, bound, generator) -> None:
+        ep = self.expert_parallel
+        if ep is None:
+            return super()._draw_uniform(p, bound, generator)
+        # the whole layer's draw, of which this rank keeps its block: the same numbers as one process
+        whole = torch.empty((ep.num_experts,) + tuple(p.shape[1:]), dtype=p.dtype)
+        whole.uniform_(-bound, bound, generator=generator)
+        p.copy_(self.own_block(whole))
+
+    def own_block(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's experts of a whole-layer per-expert tensor [num_experts, ...] (itself without expert
+        parallelism)."""
+        ep = self.expert_parallel
+        return t if ep is None else t[ep.first:ep.end]
+
     def extra_repr(self) -> str:
         w = self.wrapper
         s = (f"method={w.method}, E={w.E}, k={w.k}, H={w.H}, I={w.I}, r={w.lora_rank}, alpha={w.lora_alpha}"
              f"{', mode=inference' if not self.trains else ''}")
+        if self.expert_parallel is not None:
+            s += f", expert_parallel=({self.expert_parallel.describe()})"
         return s + (f", replaces={self.source}" if self.source else "")
 
     # ------------------------------------------------------------------ state dict (PEFT layout)
@@ -270,10 +333,11 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         params = self.lora_parameters
-        if params and not self.lora_removed and is_dtensor(params[0]):
+        if params and not self.lora_removed and (is_dtensor(params[0]) or self.expert_parallel is not None):
             # sharded (FSDP2): the parameters under their own names, as DTensors, so that
             # torch.distributed.checkpoint can save, gather (get_model_state_dict) and load them; the PEFT
-            # layout needs whole tensors (ktmoe.hf.save_adapter gathers them)
+            # layout needs whole tensors (ktmoe.hf.save_adapter gathers them); expert parallel: this rank's
+            # block, likewise
             for n, p in zip(LORA_NAMES, params):
                 destination[prefix + n] = p if keep_vars else p.detach()
             return
@@ -312,7 +376,7 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
             else:
                 with torch.no_grad():
                     for n, p in zip(LORA_NAMES, self.lora_parameters):
-                        p.copy_(lora[n])
+                        p.copy_(lora[n] if tuple(lora[n].shape) == tuple(p.shape) else self.own_block(lora[n]))
         else:
             missing_keys.extend(expected)
         # anything else under this module (another adapter's tensors, a partial set, plain expert weights) is
@@ -321,10 +385,11 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
 
     def _lora_from(self, found, mine) -> Dict[str, torch.Tensor]:
         shapes = self.wrapper.lora_shapes()
-        if found == "raw":
+        if found == "raw":  # this rank's block, or (expert parallel) the whole layer's
             out = {}
             for n in LORA_NAMES:
-                if tuple(mine[n].shape) != tuple(shapes[n]):
+                whole = (self.num_experts,) + tuple(shapes[n][1:])
+                if tuple(mine[n].shape) not in (tuple(shapes[n]), whole):
                     raise ValueError(f"{n} has shape {tuple(mine[n].shape)}, this layer needs {tuple(shapes[n])}")
                 out[n] = mine[n]
             return out
@@ -421,6 +486,10 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
         """(gate_up_proj [E, 2I, H], down_proj [E, H, I]) in `dtype`: the frozen weights as the kernels see them
         plus s B A when the LoRA applies, computed a few experts at a time (one layer in `dtype` plus a small fp32
         chunk in memory)."""
+        if self.expert_parallel is not None:
+            raise NotImplementedError("merged weights of an expert-parallel layer: each rank holds only its block; "
+                                      "save the adapter (ktmoe.hf.save_adapter, every rank) and merge it in one "
+                                      "process (PeftModel.from_pretrained(...).merge_and_unload())")
         E, H, I = self.num_experts, self.hidden_dim, self.intermediate_dim
         gate_up = torch.empty((E, 2 * I, H), dtype=dtype)
         down = torch.empty((E, H, I), dtype=dtype)
@@ -457,6 +526,9 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
 
     # ------------------------------------------------------------------ copy / pickle
     def __getstate__(self):
+        if self.expert_parallel is not None:
+            raise TypeError("an expert-parallel ktmoe layer (a block of the experts and a process group) cannot be "
+                            "copied or pickled; save the adapter (ktmoe.hf.save_adapter) and rebuild")
         state = self.__dict__.copy()
         w = state.pop("wrapper")
         packed = getattr(w, "_weights", None)

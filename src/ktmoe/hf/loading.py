@@ -37,8 +37,9 @@ import torch
 from torch import nn
 
 from ..convert import Checkpoint, ConvertError, LayerSource, Progress, find_moe_layers, quantization
+from ..parallel.expert_parallel import placement
 from .convert import (DEFAULT_INFERENCE_METHOD, DEFAULT_SFT_METHOD, _LAYER_RE, _check_options, _converted_class,
-                      default_group_size)
+                      _expert_parallel_group, default_group_size)
 from .experts import KTMoEHFExperts
 from .families import get_family
 
@@ -133,8 +134,9 @@ def _dtype_plan(model: nn.Module, dtype: torch.dtype):
 class _LayerBuild:
     """The packed tensors of one MoE layer, filled expert by expert as the shards are read."""
 
-    def __init__(self, src: LayerSource, fmt, group_size: int):
+    def __init__(self, src: LayerSource, fmt, group_size: int, block: Optional[Tuple[int, int]] = None):
         self.src, self.fmt, self.group_size = src, fmt, group_size
+        self.first, self.end = block or (0, src.E)  # the experts this process packs (expert parallel: a block)
         self.slots: Dict[str, object] = {}
         self.pending: Dict[Tuple[str, int], Dict[str, torch.Tensor]] = {}
         self.filled = 0
@@ -145,7 +147,7 @@ class _LayerBuild:
 
     @property
     def complete(self) -> bool:
-        return self.filled == 3 * self.src.E
+        return self.filled == 3 * (self.end - self.first)
 
     def add(self, ckpt: Checkpoint, which: str, e: int, kind: str, key: str, t: torch.Tensor) -> None:
         parts = self.pending.setdefault((which, e), {})
@@ -191,7 +193,7 @@ class _LayerBuild:
 
         slot = self.slots.get(which)
         if slot is None:  # shapes, group and block come from the first expert's packed form
-            E = self.src.E
+            E = self.end - self.first
             alloc = lambda t: None if t is None else torch.empty((E,) + tuple(t.shape[1:]), dtype=t.dtype)  # noqa
             slot = Packed(alloc(p.data), alloc(p.scale), alloc(p.zero), (E,) + tuple(p.shape[1:]), p.group,
                           p.block_rows)
@@ -199,7 +201,7 @@ class _LayerBuild:
         for part in ("data", "scale", "zero"):
             dst = getattr(slot, part)
             if dst is not None:
-                dst[e].copy_(getattr(p, part)[0])
+                dst[e - self.first].copy_(getattr(p, part)[0])
         self.filled += 1
 
     def packed(self):
@@ -225,13 +227,15 @@ def _fp8_scale_shape(shape, block):
 
 
 def _plan(ckpt: Checkpoint, layers: Dict[int, LayerSource], quant: str, qinfo: Dict, targets: Dict[str, nn.Module],
-          expected: Dict[str, torch.Tensor], rename) -> _Plan:
+          expected: Dict[str, torch.Tensor], rename, blocks: Dict[int, Tuple[int, int]]) -> _Plan:
     plan = _Plan()
+    elsewhere = set()  # expert keys of other ranks' blocks (expert parallel): neither read nor unexpected
     for layer, src in layers.items():
         if src.layout == "fused":
             plan.fused[src.gate_up_key] = (layer, "gate_up")
             plan.fused[src.down_key] = (layer, "down")
             continue
+        first, end = blocks.get(layer, (0, src.E))
         for which, keys in src.expert_keys.items():
             main = "weight" if src.quant != "int4_pack" else "weight_packed"
             for e, k in enumerate(keys):
@@ -240,7 +244,10 @@ def _plan(ckpt: Checkpoint, layers: Dict[int, LayerSource], quant: str, qinfo: D
             for which, keys in per.items():
                 for e, k in enumerate(keys):
                     plan.expert[k] = (layer, which, e, kind)
-    moe_keys = set(plan.expert) | set(plan.fused)
+        for k in [k for k, v in plan.expert.items() if v[0] == layer and not first <= v[2] < end]:
+            elsewhere.add(k)
+            del plan.expert[k]
+    moe_keys = set(plan.expert) | set(plan.fused) | elsewhere
     from ..convert import _EXPERT_RE, _FUSED_RE
 
     for key in ckpt.keys():
@@ -380,7 +387,8 @@ def from_pretrained(model_dir: str, *, method: Optional[str] = None, lora_rank: 
                     cpuinfer_threads: Optional[int] = None, threadpool_count: int = 1,
                     group_size: Optional[int] = None, seed: Optional[int] = None,
                     generator: Optional[torch.Generator] = None, progress: bool = True, lora_dropout: float = 0.0,
-                    num_gpu_experts: int = 0, **wrapper_options) -> nn.Module:
+                    num_gpu_experts: int = 0, expert_parallel: bool = False, process_group=None,
+                    **wrapper_options) -> nn.Module:
     """A transformers causal LM (qwen3_moe, qwen2_moe, mixtral, deepseek_v2, deepseek_v3) loaded from a local
     checkpoint folder with its routed experts streamed into ktmoe, as `convert_model` would leave it: the same
     `KTMoEHFExperts` modules, LoRA parameters and options (method, lora_rank, lora_alpha, mode, group_size,
@@ -394,6 +402,9 @@ def from_pretrained(model_dir: str, *, method: Optional[str] = None, lora_rank: 
     dense and shared MLPs) are dequantized to `dtype` ("auto": the config's). The returned model is in eval mode,
     on the CPU, with no `quantization_config` left in its config; next: `ktmoe.hf.add_lora`, training, `generate`.
 
+    expert_parallel=True / process_group: as for `convert_model`; each rank reads and packs only its block of every
+    layer's experts (other ranks' expert keys are not read).
+
     Peak memory: the packed experts + the other parameters + about one shard. Bad input (missing, mis-shaped or
     non-finite scales, NaN codes, an unknown quantization config, a truncated shard, missing keys) raises
     `ktmoe.convert.ConvertError` (a ValueError) naming the file and key; no model is returned."""
@@ -406,6 +417,7 @@ def from_pretrained(model_dir: str, *, method: Optional[str] = None, lora_rank: 
         method = DEFAULT_SFT_METHOD if mode == "sft" else DEFAULT_INFERENCE_METHOD
     per_group = _check_options(mode, method, lora_rank, lora_alpha, None, group_size, lora_dropout, num_gpu_experts,
                                wrapper_options, who="from_pretrained")
+    ep_group = _expert_parallel_group(expert_parallel, process_group)
     lora_rank = 0 if lora_rank is None else lora_rank
     lora_alpha = 1.0 if lora_alpha is None else lora_alpha
     fmt = REGISTRY[method].weight_format
@@ -461,7 +473,9 @@ def from_pretrained(model_dir: str, *, method: Optional[str] = None, lora_rank: 
     expected = {n: p for n, p in model.named_parameters() if not in_experts(n)}
     persistent = {n for n, _ in model.state_dict(keep_vars=True).items()}
     expected.update({n: b for n, b in model.named_buffers() if n in persistent and not in_experts(n)})
-    plan = _plan(ckpt, layers, quant, qinfo, targets, expected, _renamer(model))
+    places = {i: placement(src.E, ep_group) for i, src in layers.items()} if expert_parallel else {}
+    blocks = {i: (pl.first, pl.end) for i, pl in places.items()}
+    plan = _plan(ckpt, layers, quant, qinfo, targets, expected, _renamer(model), blocks)
     with ckpt.opened():
         _check_param_scales(ckpt, plan)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if getattr(config, "tie_word_embeddings", False) \
@@ -480,7 +494,7 @@ def from_pretrained(model_dir: str, *, method: Optional[str] = None, lora_rank: 
                            len(shown), shown[:3])
 
     # 3. stream the shards
-    builds = {i: _LayerBuild(src, fmt, group_size) for i, src in layers.items()}
+    builds = {i: _LayerBuild(src, fmt, group_size, blocks.get(i)) for i, src in layers.items()}
     dplan = _dtype_plan(model, dt)
     by_shard: Dict[str, List[str]] = {}
     wanted = set(plan.expert) | set(plan.fused) | set(plan.param) | set(plan.aux)
@@ -526,7 +540,8 @@ def from_pretrained(model_dir: str, *, method: Optional[str] = None, lora_rank: 
         new = KTMoEHFExperts(None, None, None, packed=builds[layer].packed(), num_experts_per_tok=k,
                              lora_rank=lora_rank, lora_alpha=lora_alpha, layer_idx=layer, generator=generator,
                              cpuinfer_threads=cpuinfer_threads, threadpool_count=threadpool_count, mode=mode,
-                             method=method, source=type(module).__name__, **extra)
+                             method=method, source=type(module).__name__, expert_parallel=places.get(layer),
+                             **extra)
         new.source_dtype = dt
         new.source_transposed = bool(getattr(module, "is_transposed", False))
         builds[layer] = None
@@ -547,7 +562,7 @@ def _read_fused(ckpt: Checkpoint, build: _LayerBuild, key: str, part: str) -> No
     down [E, H, I] or [E, I, H]."""
     src = build.src
     I = src.I
-    for e in range(src.E):
+    for e in range(build.first, build.end):
         t = ckpt.get_slice(key, e)
         if src.transposed:
             t = t.transpose(0, 1)

@@ -20,7 +20,7 @@ from .. import checks
 from ..engine import get_engine
 from ..formats import Packed, WeightFormat, expert_shapes
 from ..lora import LORA_NAMES, lora_shapes
-from ..weights_io import read_layer
+from ..weights_io import read_layer, read_manifest
 
 _FLOAT_INPUTS = (torch.bfloat16, torch.float32, torch.float16)
 _ID_DTYPES = (torch.int64, torch.int32)
@@ -280,20 +280,32 @@ class BaseSFTMoEWrapper:
             del w
         self._bind_weights(tuple(packed))
 
-    def load_weights(self, physical_to_logical_map: Optional[torch.Tensor] = None, *, mmap: bool = False) -> None:
+    def load_weights(self, physical_to_logical_map: Optional[torch.Tensor] = None, *, mmap: bool = False,
+                     experts: Optional[Tuple[int, int]] = None) -> None:
         """Loads this layer from `weight_path`, a folder written by `python -m ktmoe.convert` (see
         docs/weight_format.md). physical_to_logical_map[p] names the file's expert that goes to slot p.
 
         By default the layer is read into memory the wrapper owns: the file may be rewritten or deleted
         afterwards. mmap=True keeps the file memory-mapped instead (pages shared by every process mapping
         it); each call then checks the file's size, mtime and inode and raises if it changed, but a file
-        truncated *during* a call can still end the process with SIGBUS: that is the price of mapping."""
+        truncated *during* a call can still end the process with SIGBUS: that is the price of mapping.
+
+        experts=(first, end): this layer holds the file's experts first .. end - 1 (expert parallelism: one
+        rank's block; num_experts must be end - first); only their bytes are read (or mapped)."""
         if self.weight_path is None:
             raise ValueError("load_weights() needs weight_path= (a folder of pre-converted weights); "
                              "use load_weights_from_tensors() to load from tensors")
         order = None if physical_to_logical_map is None else self._check_expert_map(physical_to_logical_map)
-        packed = read_layer(self.weight_path, self.layer_idx, self.weight_format, self.E, self.H, self.I,
-                            self.group_size, order, mmap=mmap, check_finite=checks.finite_checks())
+        file_E = self.E
+        if experts is not None:
+            first, end = experts
+            if end - first != self.E:
+                raise ValueError(f"experts=({first}, {end}) is {end - first} experts, this layer has "
+                                 f"num_experts={self.E}")
+            file_E = int(read_manifest(self.weight_path).get("num_experts", -1))
+        packed = read_layer(self.weight_path, self.layer_idx, self.weight_format, file_E, self.H, self.I,
+                            self.group_size, order, mmap=mmap, check_finite=checks.finite_checks(),
+                            experts=experts)
         mapped = None
         if mmap and order is None:
             from ..weights_io import layer_path, stat_key

@@ -11,6 +11,7 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
+from ..parallel.grads import all_reduce_grads  # noqa: F401 (the job calls it from here)
 from .data import IGNORE_INDEX
 
 
@@ -67,26 +68,6 @@ def shard_rows(batch: Dict[str, torch.Tensor], rank: int, world_size: int) -> Di
 def label_tokens(batch: Dict[str, torch.Tensor]) -> int:
     """The tokens transformers' causal-LM loss averages over: labels shifted by one, IGNORE_INDEX left out."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
-    """Sums every parameter's gradient over ranks, one flat buffer per dtype (a missing grad counts as zero, so
-    every rank sends the same layout)."""
-    import torch.distributed as dist
-
-    groups: Dict[torch.dtype, List[torch.nn.Parameter]] = {}
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        groups.setdefault(p.grad.dtype, []).append(p)
-    for ps in groups.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in ps])
-        dist.all_reduce(flat)
-        off = 0
-        for p in ps:
-            n = p.grad.numel()
-            p.grad.copy_(flat[off:off + n].view_as(p.grad))
-            off += n
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
