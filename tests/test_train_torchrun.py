@@ -75,3 +75,41 @@ def test_torchrun_equals_one_process_and_resumes_exactly(tmp_path):
     assert _losses(resumed) == b
     sr = _adapter(resumed)
     assert all(torch.equal(sr[k], sb[k]) for k in sb), max(float((sr[k] - sb[k]).abs().max()) for k in sb)
+
+
+def test_torchrun_expert_parallel_equals_one_process_and_resumes_exactly(tmp_path):
+    """--expert-parallel: each rank holds half of every layer's experts; the checkpoint holds whole tensors (the
+    experts' optimizer state gathered), so the run equals one process, and resumes exactly."""
+    single, full, resumed = (str(tmp_path / n) for n in ("single", "ep", "resumed"))
+    _run(["--output-dir", single])
+    proc = _run(["--output-dir", full, "--expert-parallel"], nproc=2)
+    assert "expert-parallel (rank 0 of 2: experts [0, " in proc.stdout
+    a, b = _losses(single), _losses(full)
+    assert abs(a[0] - b[0]) <= DIST_REORDER_REL * abs(a[0]), (a, b)
+    assert all(abs(x - y) <= DIST_TRAIN_LOSS_REL * abs(x) for x, y in zip(a, b)), (a, b)
+    sa, sb = _adapter(single), _adapter(full)
+    assert sorted(sa) == sorted(sb)
+    worst = max(float((sa[k] - sb[k]).norm() / sa[k].norm()) for k in sa)
+    assert worst <= DIST_TRAIN_ADAPTER_REL, worst
+    assert _tree(full) == _tree(single)
+    # the experts' optimizer state is whole in the checkpoint: the same tensors as one process's
+    st_a = torch.load(os.path.join(single, "checkpoint-4", "trainer_state.pt"), weights_only=False)["optimizer"]
+    st_b = torch.load(os.path.join(full, "checkpoint-4", "trainer_state.pt"), weights_only=False)["optimizer"]
+    assert [{k: tuple(v.shape) for k, v in s.items() if torch.is_tensor(v)} for s in st_a["state"].values()] == \
+        [{k: tuple(v.shape) for k, v in s.items() if torch.is_tensor(v)} for s in st_b["state"].values()]
+
+    proc = _run(["--output-dir", resumed, "--resume", os.path.join(full, "checkpoint-2"), "--expert-parallel"],
+                nproc=2)
+    assert "(resumed)" in proc.stdout
+    assert _losses(resumed) == b
+    sr = _adapter(resumed)
+    assert all(torch.equal(sr[k], sb[k]) for k in sb), max(float((sr[k] - sb[k]).abs().max()) for k in sb)
+
+
+def test_expert_parallel_needs_torchrun(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-m", "ktmoe.train", "--expert-parallel", "--output-dir",
+                           str(tmp_path / "x")] + JOB, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode != 0 and "expert_parallel needs more than one process" in proc.stdout + proc.stderr

@@ -23,7 +23,7 @@ frees the original expert tensors, and gives PEFT nothing to wrap. The adapter s
 `target_parameters` format (see `ktmoe.hf.adapter`)."""
 from .adapter import (add_lora, adapter_state_dict, block_diagonal_mask, expert_lora_to_peft, from_adapter,
                       load_adapter, lora_config, peft_expert_wrappers, peft_reference, peft_to_expert_lora,
-                      read_adapter, save_adapter, trainable_parameters)
+                      read_adapter, save_adapter, trainable_parameters, write_adapter)
 from .convert import base_model_of, convert_model, default_group_size, routed_experts, unwrap_model
 from .experts import KTMoEHFExperts, live_saved_forwards
 from .families import MoEFamily, families, get_family, tiny_model
@@ -33,5 +33,5 @@ from .peft_layout import identify_layer, peft_swaps, swap_orientation
 __all__ = ["from_pretrained", "convert_model", "routed_experts", "base_model_of", "unwrap_model", "default_group_size", "KTMoEHFExperts", "live_saved_forwards",
            "MoEFamily", "families", "get_family", "tiny_model", "add_lora", "trainable_parameters", "lora_config",
            "expert_lora_to_peft", "peft_to_expert_lora", "block_diagonal_mask", "adapter_state_dict",
-           "save_adapter", "read_adapter", "load_adapter", "from_adapter", "peft_reference",
+           "save_adapter", "write_adapter", "read_adapter", "load_adapter", "from_adapter", "peft_reference",
            "peft_expert_wrappers", "peft_swaps", "swap_orientation", "identify_layer"]

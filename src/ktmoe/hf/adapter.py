@@ -253,11 +253,16 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
     Under torch.distributed only rank 0 writes (one folder, no two ranks writing the same files). Under FSDP2 and
     expert parallelism every rank must call it (the shards are gathered to a whole adapter, a collective); under DDP, where every
     rank holds the whole adapter, calling it on rank 0 alone is enough."""
-    from safetensors.torch import save_file
-
     sd, cfg = adapter_state_dict(model, adapter_name)
     if _dist_rank() != 0:
         return
+    write_adapter(path, sd, cfg)
+
+
+def write_adapter(path: str, sd: Mapping[str, torch.Tensor], cfg) -> None:
+    """Writes what adapter_state_dict returned as a PEFT adapter folder (this process, no collective)."""
+    from safetensors.torch import save_file
+
     os.makedirs(path, exist_ok=True)
     cfg.save_pretrained(path)
     save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(path, ADAPTER_WEIGHTS),

@@ -1,7 +1,9 @@
-"""Gradient reduction for data parallelism done by hand (the training job, expert parallelism beside it)."""
+"""Data parallelism done by hand (the training job; expert parallelism beside it): gradient reduction, the global
+gradient norm, and optimizer state that holds whole tensors whatever the split."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, List
+import math
+from typing import Dict, Iterable, List, Sequence
 
 import torch
 
@@ -57,4 +59,67 @@ def sync_gradients(model: torch.nn.Module, *, average: bool = True, group=None) 
                 p.grad /= world
 
 
-__all__ = ["all_reduce_grads", "expert_parallel_parameters", "sync_gradients"]
+def clip_grad_norm_(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], max_norm: float,
+                    group=None) -> float:
+    """torch.nn.utils.clip_grad_norm_ over the whole model when some parameters are expert-parallel blocks: their
+    squared norms are summed over the ranks (the replicated ones are equal on every rank after sync_gradients).
+    Every rank must call it. Returns the total norm."""
+    import torch.distributed as dist
+
+    blocks = {id(p) for p in expert_parallel_parameters(model)}
+    grads = [p.grad for p in params if p.grad is not None]
+    if not blocks:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    sq = torch.zeros(2, dtype=torch.float64)
+    for p in params:
+        if p.grad is not None:
+            sq[int(id(p) in blocks)] += float(p.grad.double().pow(2).sum())
+    block_sq = sq[1:].clone()
+    dist.all_reduce(block_sq, group=group)
+    total = math.sqrt(float(sq[0] + block_sq[0]))
+    coef = min(1.0, max_norm / (total + 1e-6))
+    for g in grads:
+        g.mul_(coef)
+    return total
+
+
+def _block_owners(model: torch.nn.Module) -> Dict[int, torch.nn.Module]:
+    return {id(p): m for m in model.modules() if getattr(m, "expert_parallel", None) is not None
+            for p in m.parameters(recurse=False)}
+
+
+def whole_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    """optimizer.state_dict() with every expert-parallel block's per-parameter state (exp_avg, ...) gathered to the
+    whole layer's tensor: the same state one process holds, whatever the number of ranks. A collective (every rank,
+    the same order)."""
+    from .expert_parallel import gather_blocks
+
+    sd = optimizer.state_dict()
+    owners = _block_owners(model)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        m = owners.get(id(p))
+        if m is None or i not in sd["state"]:
+            continue
+        sd["state"][i] = {k: gather_blocks(v, m.expert_parallel) if torch.is_tensor(v) and v.shape == p.shape else v
+                          for k, v in sd["state"][i].items()}
+    return sd
+
+
+def load_whole_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module, sd: dict) -> None:
+    """The inverse of whole_optimizer_state: each rank keeps its blocks' part of the whole tensors."""
+    owners = _block_owners(model)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = dict(sd["state"])
+    for i, p in enumerate(params):
+        m = owners.get(id(p))
+        if m is None or i not in state:
+            continue
+        whole = (m.num_experts,) + tuple(p.shape[1:])
+        state[i] = {k: m.own_block(v) if torch.is_tensor(v) and tuple(v.shape) == whole else v
+                    for k, v in state[i].items()}
+    optimizer.load_state_dict({**sd, "state": state})
+
+
+__all__ = ["all_reduce_grads", "expert_parallel_parameters", "sync_gradients", "clip_grad_norm_",
+           "whole_optimizer_state", "load_whole_optimizer_state"]

@@ -26,8 +26,9 @@ TMP_MARK = ".tmp-"
 FAULT_ENV = "KTMOE_CKPT_FAULT"  # tests: "N" kills the process (SIGKILL) at write point N of the next save
 
 # config keys that do not change what a step computes (where output goes, logging, threads, resume itself)
+# (expert_parallel too: a checkpoint holds whole tensors whatever the split, so either mode resumes it)
 _NOT_IDENTITY = ("output_dir", "resume", "compare", "log_every", "save_every", "progress", "torch_threads",
-                 "cpuinfer_threads")
+                 "cpuinfer_threads", "expert_parallel")
 
 
 class CheckpointError(ValueError):

@@ -58,6 +58,7 @@ class TrainConfig:
                                          # tiny, and spinning OpenMP threads crawl on a busy machine), else torch's
     threadpool_count: int = 1
     method: str = "AMXBF16_SFT"
+    expert_parallel: bool = False        # under torchrun: each rank owns a block of every layer's experts
     # output
     compare: Optional[bool] = None       # also run the plain PyTorch + PEFT path; None: only for the embedded default
     log_every: int = 10
@@ -297,6 +298,8 @@ _HELP = {
     "cpuinfer_threads": "ktmoe CPU engine threads (default: every core this process may use)",
     "torch_threads": "PyTorch threads (default: 1 for the embedded model, else PyTorch's choice)",
     "save_every": "also checkpoint every N steps (default 0: only at the end)",
+    "expert_parallel": "under torchrun: each rank holds and trains only its block of every layer's routed experts, "
+                       "tokens are exchanged with all_to_all (default: every rank holds all experts)",
 }
 
 

@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .. import hf
+from ..parallel.grads import clip_grad_norm_, load_whole_optimizer_state, sync_gradients, whole_optimizer_state
 from . import checkpoint as ckpt_io
 from . import distributed as dist_io
 from .checkpoint import CheckpointError
@@ -125,7 +126,8 @@ def load_ktmoe_model(cfg: TrainConfig, dtype: torch.dtype) -> torch.nn.Module:
     the method's packed format (fp8 and compressed-tensors checkpoints as they ship), never as a float copy."""
     model = hf.from_pretrained(cfg.model, method=cfg.method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                                seed=cfg.seed + 1, cpuinfer_threads=cfg.cpuinfer_threads,
-                               threadpool_count=cfg.threadpool_count, dtype=dtype, progress=cfg.progress)
+                               threadpool_count=cfg.threadpool_count, dtype=dtype, progress=cfg.progress,
+                               expert_parallel=cfg.expert_parallel)
     model.config.use_cache = False
     return model
 
@@ -136,7 +138,7 @@ def setup_ktmoe(cfg: TrainConfig, base: torch.nn.Module, device: torch.device, d
     if not hf.routed_experts(base):
         hf.convert_model(base, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, seed=cfg.seed + 1,
                          cpuinfer_threads=cfg.cpuinfer_threads, threadpool_count=cfg.threadpool_count,
-                         method=cfg.method)
+                         method=cfg.method, expert_parallel=cfg.expert_parallel)
     base.to(device=device, dtype=dtype)
     torch.manual_seed(cfg.seed + 2)  # PEFT's LoRA init
     model = hf.add_lora(base, r=cfg.resolved_attn_rank, lora_alpha=cfg.resolved_attn_alpha,
@@ -198,17 +200,23 @@ class Progress:
 # ---------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: str, model, optimizer, scheduler, step: int, stats: RunStats, cfg: TrainConfig,
-                    run_id: Optional[str] = None) -> None:
+                    run_id: Optional[str] = None, writes: bool = True) -> None:
     """Writes adapter + trainer state atomically (temporary folder, fsync, manifest, rename: see
-    ktmoe.train.checkpoint); a failure leaves earlier checkpoints as they were."""
+    ktmoe.train.checkpoint); a failure leaves earlier checkpoints as they were. Under torchrun every rank calls it
+    (expert-parallel blocks and their optimizer state are gathered: the checkpoint holds whole tensors, as one
+    process writes them); only the rank with writes=True writes."""
     run_id = run_id or ckpt_io.new_run_id()
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    adapter_sd, adapter_cfg = hf.adapter_state_dict(model)
+    opt_state = whole_optimizer_state(optimizer, model)
+    if not writes:
+        return
+    state = {"step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict(),
              "param_names": [n for n, _ in hf.trainable_parameters(model)], "losses": list(stats.losses),
              "tokens": stats.tokens, "config": cfg.to_dict(), "run_id": run_id}
 
     def write(folder: str) -> None:
         try:
-            hf.save_adapter(model, folder)
+            hf.write_adapter(folder, adapter_sd, adapter_cfg)
             torch.save(state, os.path.join(folder, STATE_FILE))
         except RuntimeError as e:  # torch/safetensors report a full disk as a short write
             import shutil
@@ -241,7 +249,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, cfg: Optional[TrainC
         hf.load_adapter(model, path)
     except Exception as e:  # noqa: BLE001 - SafetensorError and friends
         raise CheckpointError(f"resume: {path}: unreadable adapter ({type(e).__name__}: {e})") from None
-    optimizer.load_state_dict(state["optimizer"])
+    load_whole_optimizer_state(optimizer, model, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"]), RunStats(losses=list(state["losses"]), tokens=int(state["tokens"]))
 
@@ -277,7 +285,7 @@ def run_steps(model, optimizer, scheduler, batches: Batches, start: int, end: in
             out = model(**b, num_items_in_batch=dist_io.label_tokens(gb))
             loss = out.loss
             loss.backward()
-            dist_io.all_reduce_grads(params)
+            sync_gradients(model, average=False)  # (expert-parallel blocks hold every rank's share already)
             loss = dist_io.all_reduce_sum(loss)
         else:
             b = {k: v.to(device) for k, v in batches.batch(step).items()}
@@ -286,7 +294,7 @@ def run_steps(model, optimizer, scheduler, batches: Batches, start: int, end: in
             loss = out.loss
             loss.backward()
         if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            clip_grad_norm_(model, params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -369,6 +377,9 @@ def _train(cfg: TrainConfig, dctx: Optional[dist_io.DistContext] = None) -> Trai
     batches = Batches(data, cfg.batch_size, cfg.seed)
     total = cfg.resolved_steps(batches.steps_per_epoch)
     compare = cfg.resolved_compare and cfg.resume is None and not dctx.active
+    if cfg.expert_parallel and not dctx.active:
+        raise CheckpointError("expert_parallel needs more than one process: run under torchrun "
+                              "(torchrun --nproc_per_node N -m ktmoe.train --expert-parallel ...)")
     if dctx.active and cfg.batch_size < dctx.world_size:
         raise CheckpointError(f"batch_size {cfg.batch_size} < world size {dctx.world_size}: every rank needs at "
                               "least one row of each global batch; raise --batch-size")
@@ -398,6 +409,9 @@ def _train(cfg: TrainConfig, dctx: Optional[dist_io.DistContext] = None) -> Trai
         desc["note"] = "the plain PyTorch comparison runs from step 0 only: skipped when resuming"
     if dctx.active:
         desc["data"] += f", split over {dctx.world_size} ranks (torchrun, gloo)"
+        if cfg.expert_parallel:
+            pl = next(iter(hf.routed_experts(model).values())).expert_parallel
+            desc["data"] += f"; routed experts expert-parallel ({pl.describe()}, ...)"
         if cfg.compare:
             desc["note"] = "the plain PyTorch comparison is single-process only: skipped under torchrun"
     if dctx.is_main:
@@ -405,17 +419,15 @@ def _train(cfg: TrainConfig, dctx: Optional[dist_io.DistContext] = None) -> Trai
 
     def on_step(step: int) -> None:
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            if dctx.is_main:
-                save_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{step}"), model, optimizer, scheduler,
-                                step, stats, cfg, run_id)
+            save_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{step}"), model, optimizer, scheduler,
+                            step, stats, cfg, run_id, writes=dctx.is_main)
             dctx.barrier()  # no rank runs ahead of a checkpoint it might be asked to resume from
 
     run_steps(model, optimizer, scheduler, batches, start, total, device, cfg, stats, "ktmoe", on_step, dctx)
     ckpt = os.path.join(cfg.output_dir, f"checkpoint-{total}")
     adapter_dir = os.path.join(cfg.output_dir, "adapter")
-    if dctx.is_main:
-        save_checkpoint(ckpt, model, optimizer, scheduler, total, stats, cfg, run_id)
-        hf.save_adapter(model, adapter_dir)
+    save_checkpoint(ckpt, model, optimizer, scheduler, total, stats, cfg, run_id, writes=dctx.is_main)
+    hf.save_adapter(model, adapter_dir)  # (every rank: a collective under expert parallelism; rank 0 writes)
     dctx.barrier()
     del model, base, optimizer, scheduler
 
