@@ -92,7 +92,7 @@ def _check_options(mode, method, lora_rank, lora_alpha, weight_path, group_size,
     if unknown:
         raise TypeError(f"{who}() got unexpected keyword argument(s) {', '.join(unknown)}; valid: mode, "
                         f"method, lora_rank, lora_alpha, cpuinfer_threads, threadpool_count, "
-                        f"{'dtype, progress' if who != 'convert_model' else 'weight_path'}, group_size, "
+                        f"{'dtype, progress' if who != 'convert_model' else 'weight_path, mmap'}, group_size, "
                         f"seed, generator, {', '.join(_WRAPPER_OPTIONS)}")
     check_method(mode, method)
     if mode == "sft" and (lora_rank is None or lora_alpha is None):
@@ -137,7 +137,7 @@ def convert_model(model: nn.Module, *, lora_rank: Optional[int] = None, lora_alp
                   mode: str = "sft", method: Optional[str] = None, cpuinfer_threads: Optional[int] = None,
                   threadpool_count: int = 1, weight_path: Optional[str] = None, group_size: Optional[int] = None,
                   seed: Optional[int] = None, generator: Optional[torch.Generator] = None, lora_dropout: float = 0.0,
-                  num_gpu_experts: int = 0, expert_parallel: bool = False, process_group=None,
+                  num_gpu_experts: int = 0, mmap: bool = False, expert_parallel: bool = False, process_group=None,
                   **wrapper_options) -> nn.Module:
     """Replaces, in place, every routed-experts module of a transformers v5 MoE model (qwen3_moe, qwen2_moe,
     mixtral, deepseek_v2, deepseek_v3) by a `KTMoEHFExperts`: the frozen expert weights are packed into the
@@ -151,7 +151,11 @@ def convert_model(model: nn.Module, *, lora_rank: Optional[int] = None, lora_alp
     LoRA given (by `from_adapter`, or loaded into the parameters) is applied, not trained.
 
     weight_path: a folder written by `python -m ktmoe.convert` for the same method: each layer's experts are
-    read from it (the model's own expert tensors are not read, they may be on the meta device). group_size
+    read from it (the model's own expert tensors are not read, they may be on the meta device). mmap=True (needs
+    weight_path): the layers stay memory-mapped (`load_weights(mmap=True)`) instead of copied, so processes on one
+    node that convert from the same folder share one copy of the frozen experts in the page cache; every call
+    checks that the file is unchanged (a rewritten or replaced file is refused: load again), and TP subpools
+    read the shared mapping, with no node-local copies (numa_local=True is refused). group_size
     (K-group methods only): default, the largest valid size <= 128 (`default_group_size`).
     chunked_prefill_size, subpool_cpus, numa_local go to the wrapper as they are; any other keyword is refused.
 
@@ -214,8 +218,8 @@ def convert_model(model: nn.Module, *, lora_rank: Optional[int] = None, lora_alp
         new = KTMoEHFExperts.from_module(module, family=family, num_experts_per_tok=k, lora_rank=lora_rank,
                                          lora_alpha=lora_alpha, layer_idx=layer_idx, generator=generator,
                                          cpuinfer_threads=cpuinfer_threads, threadpool_count=threadpool_count,
-                                         mode=mode, method=method, weight_path=weight_path, expert_parallel=ep,
-                                         **extra)
+                                         mode=mode, method=method, weight_path=weight_path, mmap=mmap,
+                                         expert_parallel=ep, **extra)
         new.source_dtype = src.dtype if src.is_floating_point() else torch.bfloat16
         new.source_transposed = bool(getattr(module, "is_transposed", False))
         parent_name, _, attr = name.rpartition(".")

@@ -24,7 +24,8 @@ Differences from the plain `KTMoEExperts`:
   `base_layer` (the gate_up_proj wrapper of PEFT's nesting) are empty placeholders that give PEFT the key
   prefixes it selects by; the tensors are computed from the six matrices on every `state_dict()`.
 * `copy.deepcopy` gives an independent module (own LoRA, own native layer) that shares the frozen packed
-  weights (they are never written); `torch.save(model)` / pickling stores the packed weights.
+  weights (they are never written; a mapped weight file stays mapped and checked, see `convert_model(mmap=True)`);
+  `torch.save(model)` / pickling stores the packed weights (loaded back into owned memory).
 """
 from __future__ import annotations
 
@@ -123,11 +124,14 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
     def __init__(self, gate_proj, up_proj, down_proj, *, num_experts_per_tok: int, lora_rank: int,
                  lora_alpha: float, source: str = "", mode: str = "sft", method: str = "AMXBF16_SFT",
                  layer_idx: int = 0, generator: Optional[torch.Generator] = None, weight_path: Optional[str] = None,
-                 shape: Optional[Tuple[int, int, int]] = None, packed: Optional[tuple] = None,
+                 shape: Optional[Tuple[int, int, int]] = None, packed: Optional[tuple] = None, mmap: bool = False,
                  expert_parallel: Optional[ExpertPlacement] = None, **wrapper_kwargs):
         nn.Module.__init__(self)
         from ..experts import KTMoEWrapper  # late: experts imports the sft package
 
+        if mmap and weight_path is None:
+            raise ValueError("mmap=True needs weight_path= (a folder written by `python -m ktmoe.convert`): only "
+                             "a weight file can be mapped and shared")
         ep = expert_parallel
         if packed is not None:  # (gate, up, down) Packed in the method's format, handed over (streaming loader)
             E, I, H = packed[0].shape  # (only this rank's block under expert parallelism)
@@ -159,7 +163,7 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
         elif weight_path is None:
             self.wrapper.load_weights_from_tensors(gate_proj, up_proj, down_proj)
         else:
-            self.wrapper.load_weights(experts=None if ep is None else (ep.first, ep.end))
+            self.wrapper.load_weights(mmap=mmap, experts=None if ep is None else (ep.first, ep.end))
         for name, sh in (self.wrapper.lora_shapes().items() if lora_rank > 0 else ()):
             self.register_parameter(name, nn.Parameter(torch.empty(sh, dtype=torch.float32),
                                                        requires_grad=mode == "sft"))
@@ -490,6 +494,7 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
             raise NotImplementedError("merged weights of an expert-parallel layer: each rank holds only its block; "
                                       "save the adapter (ktmoe.hf.save_adapter, every rank) and merge it in one "
                                       "process (PeftModel.from_pretrained(...).merge_and_unload())")
+        self.wrapper._require_weights()
         E, H, I = self.num_experts, self.hidden_dim, self.intermediate_dim
         gate_up = torch.empty((E, 2 * I, H), dtype=dtype)
         down = torch.empty((E, H, I), dtype=dtype)
@@ -536,6 +541,7 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
             raise TypeError("this ktmoe experts layer holds node-local TP weight copies and cannot be copied or "
                             "pickled; convert with numa_local=False to copy it, or save the adapter "
                             "(ktmoe.hf.save_adapter / PeftModel.save_pretrained) and rebuild")
+        w._require_weights()  # a changed mapped file is refused, not read (past a truncated end: SIGBUS)
         state["_ktmoe_packed"] = tuple(packed)
         state["_bound"] = ()
         state["_zeros"] = None
@@ -545,14 +551,16 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
         from ..experts import KTMoEWrapper
 
         packed = state.pop("_ktmoe_packed")
+        mapped = state.pop("_ktmoe_mapped", None)  # set by __deepcopy__ only: unpickled tensors are owned
         args = dict(state["_wrapper_args"])
         wrapper = KTMoEWrapper(**args)
-        wrapper._bind_weights(tuple(packed))
+        wrapper._bind_weights(tuple(packed), mapped)
         nn.Module.__setstate__(self, state)
         self.wrapper = wrapper
 
     def __deepcopy__(self, memo):
         state = self.__getstate__()
+        state["_ktmoe_mapped"] = self.wrapper._mapped  # shared views of a mapped file: the copy checks it too
         for p in state["_ktmoe_packed"]:  # frozen and never written: shared, not copied
             for t in (p.data, p.scale, p.zero):
                 if t is not None:

@@ -289,12 +289,21 @@ class BaseSFTMoEWrapper:
         afterwards. mmap=True keeps the file memory-mapped instead (pages shared by every process mapping
         it); each call then checks the file's size, mtime and inode and raises if it changed, but a file
         truncated *during* a call can still end the process with SIGBUS: that is the price of mapping.
+        Mapped weights are used where they are: TP subpools on several NUMA nodes read the one mapping (no
+        node-local copies; numa_local=True is refused), and physical_to_logical_map (a permuted copy) is
+        refused.
 
         experts=(first, end): this layer holds the file's experts first .. end - 1 (expert parallelism: one
         rank's block; num_experts must be end - first); only their bytes are read (or mapped)."""
         if self.weight_path is None:
             raise ValueError("load_weights() needs weight_path= (a folder of pre-converted weights); "
                              "use load_weights_from_tensors() to load from tensors")
+        if mmap and self._numa_local:
+            raise ValueError("load_weights(mmap=True) shares the file's pages, numa_local=True copies them to "
+                             "each TP subpool's node; pass numa_local=False (or None) or drop mmap=True")
+        if mmap and physical_to_logical_map is not None:
+            raise ValueError("load_weights(mmap=True) cannot take physical_to_logical_map: the experts would be "
+                             "copied in the new order, nothing would be shared")
         order = None if physical_to_logical_map is None else self._check_expert_map(physical_to_logical_map)
         file_E = self.E
         if experts is not None:
@@ -307,12 +316,11 @@ class BaseSFTMoEWrapper:
                             self.group_size, order, mmap=mmap, check_finite=checks.finite_checks(),
                             experts=experts)
         mapped = None
-        if mmap and order is None:
+        if mmap:
             from ..weights_io import layer_path, stat_key
             path = layer_path(self.weight_path, self.layer_idx)
             mapped = (path, stat_key(path))
-        self._bind_weights(packed)
-        self._mapped = mapped
+        self._bind_weights(packed, mapped)
 
     def _check_expert_map(self, m) -> torch.Tensor:
         m = torch.as_tensor(m).to("cpu")
@@ -323,14 +331,16 @@ class BaseSFTMoEWrapper:
             raise ValueError(f"physical_to_logical_map values must be in [0, {self.E})")
         return m.long()
 
-    def _bind_weights(self, packed: Tuple[object, object, object]) -> None:
+    def _bind_weights(self, packed: Tuple[object, object, object], mapped: Optional[Tuple[str, tuple]] = None
+                      ) -> None:
+        """mapped: (path, stat key) when `packed` are views of a mapped weight file (checked on every call)."""
         # every view is built (and checked) before the native layer sees any: a failure leaves it as it was
         fmt = self.weight_format
         names = ("gate", "up", "down")
         for which, w in zip(names, packed):
             for p in range(self.P):
                 fmt.check_tp(which, w.shape[2], w.group, self.part_i0[p])
-        parts = self._node_local_parts(packed)
+        parts = None if mapped is not None else self._node_local_parts(packed)  # copies would undo the sharing
         if parts is None:
             views = [(p, which, fmt.view(w, which, self.part_i0[p])) for p in range(self.P)
                      for which, w in zip(names, packed)]
@@ -342,7 +352,7 @@ class BaseSFTMoEWrapper:
                                        v.row0, v.col0, v.group, v.block_rows)
             self._weights, self._part_weights = (packed, None) if parts is None else (None, parts)
             self._weights_gen += 1
-            self._mapped = None
+            self._mapped = mapped
 
     def _node_local_parts(self, packed):
         """Per-part copies of the weights, each written by its subpool's threads so that first touch puts
@@ -443,8 +453,11 @@ class BaseSFTMoEWrapper:
 
     # ---- checks ----
     def _require_weights(self) -> None:
+        """Before reading the frozen weights: loaded and, when mapped, the file unchanged (see load_weights)."""
         if self._weights is None and self._part_weights is None:
             raise RuntimeError("weights are not loaded: call load_weights_from_tensors() or load_weights() first")
+        if self._mapped is not None:
+            self._check_mapped()
 
     def _check_inputs(self, hidden_states, expert_ids, weights) -> int:
         """T, after checking the three inputs (fast path first; the slow path builds the message)."""
@@ -533,8 +546,6 @@ class BaseSFTMoEWrapper:
 
     def _run_forward_locked(self, hidden_states, expert_ids, weights, save):
         self._require_weights()
-        if self._mapped is not None:
-            self._check_mapped()
         T = self._check_inputs(hidden_states, expert_ids, weights)
         if not self._lora_ready() and self.lora_rank > 0 and self.trains and save:
             raise RuntimeError("LoRA weights are not initialised: call init_lora_weights() before training")
