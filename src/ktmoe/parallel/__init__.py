@@ -2,3 +2,7 @@
 
 ktmoe adds no transport of its own: every exchange is a torch.distributed collective (gloo for CPU tensors, NCCL
 where GPUs are). See docs/distributed.md for the modes and when to use which."""
+
+from .ddp import ExpertGradReducer, distributed_data_parallel
+
+__all__ = ["distributed_data_parallel", "ExpertGradReducer"]
