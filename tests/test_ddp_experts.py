@@ -1,0 +1,123 @@
+"""`ktmoe.parallel.distributed_data_parallel` over 2 gloo ranks on the CPU (tests/ddp_worker.py under torchrun):
+the experts stay out of DDP, their LoRA gradients are all-reduced by the helper during the backward, and training
+gives the bits of plain DDP and equals one process on the combined batch. Cases (one launch runs them all): PEFT
+("peft"), PEFT with gradient accumulation under no_sync ("accum"), PEFT with non-reentrant ("gc") and reentrant
+gradient checkpointing (with accumulation, "gc_reentrant"), no PEFT with accumulation ("full")."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+import torch.distributed as dist  # noqa: E402
+
+import ktmoe  # noqa: E402
+from tolerances import DIST_FULL_TRAIN_REL, DIST_REORDER_REL  # noqa: E402
+
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# the subprocesses import the ktmoe this process imported (CI installs it; a source tree has no native module)
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(ktmoe.__file__)))
+WORLD, STEPS = 2, 3  # as in ddp_worker.py
+CASES = ["peft", "accum", "gc", "gc_reentrant", "full"]
+ACCUMULATING = ["accum", "gc_reentrant", "full"]  # 2 micro-batches a step, the first under no_sync
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+               OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+              "KTMOE_TOPOLOGY"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(WORLD), os.path.join(HERE, "ddp_worker.py"), str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    return [torch.load(os.path.join(out, f"result_{r}.pt")) for r in range(WORLD)]
+
+
+def _rel(a, b) -> float:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_equals_plain_ddp_and_one_process(ranks, case):
+    tol = DIST_FULL_TRAIN_REL if case == "full" else DIST_REORDER_REL
+    for r, res in enumerate(ranks):
+        res = res[case]
+        losses, params = res["losses"], res["params"]
+        assert len(losses["ref"]) == STEPS
+        assert _rel(losses["helper"], losses["ref"]) < DIST_REORDER_REL, (r, losses)
+        assert set(params["helper"]) == set(params["ref"]) == set(params["plain"]) == set(params["init"])
+        for n, want in params["ref"].items():  # expert LoRA and everything else that trains
+            assert not torch.equal(want, params["init"][n]), f"{case} {n} did not train"
+            err = _rel(params["helper"][n], want)
+            assert err < tol, f"rank {r} {case} {n}: relative error {err:.2e}"
+            # the same sums as DDP's buckets (x / 2 + y / 2 over 2 ranks): the same bits
+            assert torch.equal(params["helper"][n], params["plain"][n]), f"rank {r} {case} {n} differs from DDP"
+        assert losses["helper"] == losses["plain"]
+    for n, p in ranks[0][case]["params"]["helper"].items():
+        assert torch.equal(p, ranks[1][case]["params"]["helper"][n]), n
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_experts_are_out_of_ddp_and_reduced_during_the_backward(ranks, case):
+    for res in ranks:
+        res = res[case]
+        experts = res["expert_names"]
+        assert len(experts) == 2 * 6  # two MoE layers
+        assert sorted(res["reducer_names"]) == sorted(experts)
+        assert set(experts) <= set(res["ignored"])
+        assert res["expert_in_ddp"] == []
+        assert res["ddp_tensors"] == res["trainable_outside_experts"] > 0  # DDP's buckets: the rest only
+        assert all(res["reduced_grads_same"])  # after each synced backward, the same gradients on both ranks
+        # the first layer's gradients come last: by then the second layer's six all-reduces are launched
+        per = len(res["launched"]) // STEPS  # backwards per step; the last of each is synced
+        synced = res["launched"][per - 1::per]
+        assert len(synced) == STEPS and all(active and n >= 6 for active, n in synced), res["launched"]
+
+
+@pytest.mark.parametrize("case", ACCUMULATING)
+def test_no_sync_skips_the_experts_too(ranks, case):
+    for res in ranks:
+        res = res[case]
+        # no reduction runs in the no_sync micro-batch's backward, so each rank holds its own gradients
+        assert res["local_grads_same"] == [False] * STEPS
+        assert [active for active, _ in res["launched"][0::2]] == [False] * STEPS
+
+
+def test_the_experts_get_a_group_of_their_own(ranks):
+    for res in ranks:
+        g = res["groups"]
+        assert g["own_group"] and g["grads_same"]
+        assert "pass experts_group=" in g["subgroup"] and "a group of its own" in g["shared"]
+        assert g["rewrapped"] == ([], 12 + 2)  # the old reducer's hooks are gone; the new one's: 12 params, DDP x2
+
+
+def test_a_gradient_missing_on_one_rank_counts_as_zeros(ranks):
+    got = [r["missing_grad"] for r in ranks]
+    assert got[1]["local"] is None and got[0]["local"] is not None and got[0]["same"]
+    assert torch.equal(got[0]["reduced"], got[0]["local"] / WORLD), got[0]["name"]
+
+
+def test_clear_errors(ranks):
+    err = ranks[0]["errors"]
+    assert "no parameter outside the routed experts requires a gradient" in err["experts_only"]
+    assert "has no ktmoe experts" in err["unconverted"]
+
+
+def test_needs_an_initialised_process_group():
+    from ktmoe.parallel import distributed_data_parallel
+
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        distributed_data_parallel(torch.nn.Linear(2, 2))
