@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", metavar="FILE", help="also write the markdown report here")
     p.add_argument("--json", metavar="FILE", help="write every measurement (with all samples) as JSON here")
     p.add_argument("--smoke", action="store_true", help="tiny preset, T=16, one round: for CI")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="instead: one layer's step with the experts over 2 ranks (1 CPU each, torchrun + gloo) next "
+                        "to 1 rank with 2 CPUs, and the bytes exchanged (first --preset; --tokens per rank, "
+                        "default 256)")
     p.add_argument("--accuracy", action="store_true",
                    help="instead of speed: rel-L2 error of y and every gradient vs the fp32 reference (on the "
                         "original bf16 and on the dequantized weights), per method, next to kt-kernel's on the "
@@ -79,6 +83,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.tokens = [16]
         args.repeats = 1
         args.warmup = 1
+    if args.expert_parallel:
+        args.tokens = args.tokens or [256]
     if args.accuracy:
         from .accuracy import DEFAULT_PRESET, DEFAULT_RANK, DEFAULT_TOKENS, METHOD_ORDER
         defaults = ([DEFAULT_PRESET], DEFAULT_TOKENS, DEFAULT_RANK, METHOD_ORDER)
@@ -103,7 +109,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    if args.accuracy:
+    if args.expert_parallel:
+        from .expert_parallel import render, run
+    elif args.accuracy:
         from .accuracy import render, run  # late: keep --help fast
     else:
         from .report import render

@@ -111,11 +111,27 @@ def placement(num_experts: int, group=None) -> ExpertPlacement:
 
 
 # ------------------------------------------------------------------------------------------------ the exchange
+_SENT = {"calls": 0, "bytes": 0, "remote_bytes": 0}  # what this process's exchanges sent (bench, diagnostics)
+
+
+def exchange_stats(reset: bool = False) -> dict:
+    """{"calls", "bytes", "remote_bytes"} sent by this process's all_to_all exchanges so far (remote: to other ranks;
+    the rest is this rank's rows to itself, a local copy); reset=True starts the count again."""
+    out = dict(_SENT)
+    if reset:
+        _SENT.update(calls=0, bytes=0, remote_bytes=0)
+    return out
+
+
 def _all_to_all(t: torch.Tensor, send: Sequence[int], recv: Sequence[int], group) -> torch.Tensor:
     import torch.distributed as dist
 
     out = t.new_empty((sum(recv),) + tuple(t.shape[1:]))
     dist.all_to_all_single(out, t.contiguous(), list(recv), list(send), group=group)
+    row = t[0].numel() * t.element_size() if t.dim() > 1 else t.element_size()
+    _SENT["calls"] += 1
+    _SENT["bytes"] += sum(send) * row
+    _SENT["remote_bytes"] += (sum(send) - send[dist.get_rank(group)]) * row
     return out
 
 
@@ -239,5 +255,5 @@ def gather_blocks(t: torch.Tensor, pl: ExpertPlacement) -> torch.Tensor:
     return torch.cat([p[:b - a] for p, a, b in zip(parts, pl.bounds, pl.bounds[1:])])
 
 
-__all__ = ["ExpertPlacement", "ExpertParallelFunction", "expert_blocks", "exchange_group", "placement",
+__all__ = ["exchange_stats", "ExpertPlacement", "ExpertParallelFunction", "expert_blocks", "exchange_group", "placement",
            "gather_blocks", "forward_no_grad"]
