@@ -2,10 +2,10 @@
 --standalone --nproc_per_node N tests/expert_parallel_worker.py CASE OUT`), or alone (WORLD_SIZE unset) for the
 single-process reference. Writes OUT/result_<rank>.pt.
 
-CASE layer[,src=tensors+folder+hf]: one experts module, expert parallel, against the same layer with all experts
-    in this process, on every rank's tokens (rank 1 routes no token at all when there are 3 ranks); the expert
-    block packed from the model's tensors, read from a weight folder (OUT/../kt, `python -m ktmoe.convert`) or
-    streamed from a checkpoint (OUT/../hf, `ktmoe.hf.from_pretrained`).
+CASE layer[,src=tensors+folder+mmap+hf]: one experts module, expert parallel, against the same layer with all
+    experts in this process, on every rank's tokens (rank 1 routes no token at all when there are 3 ranks); the
+    expert block packed from the model's tensors, read from a weight folder (OUT/../kt, `python -m ktmoe.convert`;
+    or mapped, mmap=True) or streamed from a checkpoint (OUT/../hf, `ktmoe.hf.from_pretrained`).
 CASE train[,gc=1][,save=1]: a tiny model trained 3 SGD steps, experts expert-parallel, attention LoRA
     data-parallel (`ktmoe.parallel.sync_gradients`), every rank its quarter of the global batch."""
 import os
@@ -45,8 +45,9 @@ def _layer(out, world, rank, src):
         model = kh.from_pretrained(os.path.join(here, "hf"), progress=False, expert_parallel=world > 1, **opt)
     else:
         model = kh.tiny_model("qwen3_moe", seed=3, **TINY)
-        kh.convert_model(model, expert_parallel=world > 1,
-                         weight_path=os.path.join(here, "kt") if src == "folder" else None, **opt)
+        folder = src in ("folder", "mmap")
+        kh.convert_model(model, expert_parallel=world > 1, weight_path=os.path.join(here, "kt") if folder else None,
+                         mmap=src == "mmap", **opt)
     whole = kh.tiny_model("qwen3_moe", seed=3, **TINY)
     kh.convert_model(whole, **opt)
     ep = next(iter(kh.routed_experts(model).values()))

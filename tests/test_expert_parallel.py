@@ -69,7 +69,7 @@ def test_expert_blocks():
         expert_blocks(2, 3)
 
 
-@pytest.mark.parametrize("world,src", [(2, "tensors"), (3, "tensors+folder+hf")])
+@pytest.mark.parametrize("world,src", [(2, "tensors"), (3, "tensors+folder+mmap+hf")])
 def test_layer_equals_one_wrapper_with_all_experts(sources, world, src):
     results = _run(f"layer,src={src}", sources / f"layer{world}", world)
     blocks = [results[r][src.split("+")[0]]["block"] for r in range(world)]

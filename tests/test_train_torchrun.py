@@ -104,6 +104,10 @@ def test_torchrun_expert_parallel_equals_one_process_and_resumes_exactly(tmp_pat
     assert _losses(resumed) == b
     sr = _adapter(resumed)
     assert all(torch.equal(sr[k], sb[k]) for k in sb), max(float((sr[k] - sb[k]).abs().max()) for k in sb)
+    # the same checkpoint resumed by one process holding every expert: the run goes on as it would have
+    one = str(tmp_path / "one")
+    _run(["--output-dir", one, "--resume", os.path.join(full, "checkpoint-2")])
+    assert all(abs(x - y) <= DIST_TRAIN_LOSS_REL * abs(x) for x, y in zip(_losses(one), b)), (_losses(one), b)
 
 
 def test_expert_parallel_needs_torchrun(tmp_path):

@@ -19,6 +19,7 @@ activations' dtype, plus k int32 ids and k weights) and back (H values); the bac
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -128,7 +129,7 @@ def _all_to_all(t: torch.Tensor, send: Sequence[int], recv: Sequence[int], group
 
     out = t.new_empty((sum(recv),) + tuple(t.shape[1:]))
     dist.all_to_all_single(out, t.contiguous(), list(recv), list(send), group=group)
-    row = t[0].numel() * t.element_size() if t.dim() > 1 else t.element_size()
+    row = math.prod(t.shape[1:]) * t.element_size()
     _SENT["calls"] += 1
     _SENT["bytes"] += sum(send) * row
     _SENT["remote_bytes"] += (sum(send) - send[dist.get_rank(group)]) * row
