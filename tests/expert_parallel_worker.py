@@ -6,7 +6,7 @@ CASE layer[,src=tensors+folder+mmap+hf]: one experts module, expert parallel, ag
     experts in this process, on every rank's tokens (rank 1 routes no token at all when there are 3 ranks); the
     expert block packed from the model's tensors, read from a weight folder (OUT/../kt, `python -m ktmoe.convert`;
     or mapped, mmap=True) or streamed from a checkpoint (OUT/../hf, `ktmoe.hf.from_pretrained`).
-CASE train[,gc=1][,save=1]: a tiny model trained 3 SGD steps, experts expert-parallel, attention LoRA
+CASE train[,gc=1][,save=1][,family=deepseek_v3]: a tiny model trained 3 SGD steps, experts expert-parallel, attention LoRA
     data-parallel (`ktmoe.parallel.sync_gradients`), every rank its quarter of the global batch."""
 import os
 import sys
@@ -21,6 +21,12 @@ from ktmoe.parallel import sync_gradients  # noqa: E402
 
 STEPS, BATCH, SEQ, LR = 3, 6, 8, 0.05
 TINY = dict(num_experts=8, num_experts_per_tok=3)  # 8 experts over 3 ranks: blocks of 3, 3, 2
+
+
+def tiny(family: str = "qwen3_moe"):
+    """The test's model: Qwen3-MoE with 8 experts; or deepseek_v3's tiny config as it is (4 experts in n_group=2
+    groups, group-limited routing: over 2 ranks each rank owns one group)."""
+    return kh.tiny_model(family, seed=3, **(TINY if family == "qwen3_moe" else {}))
 
 
 def _world():
@@ -89,7 +95,8 @@ def _layer(out, world, rank, src):
 
 
 def train_case(out, world, rank, opts):
-    model = kh.tiny_model("qwen3_moe", seed=3, **TINY)
+    family = opts.get("family", "qwen3_moe")
+    model = tiny(family)
     kh.convert_model(model, lora_rank=4, lora_alpha=8.0, seed=3, cpuinfer_threads=1,
                      expert_parallel=world > 1 and opts.get("ep", "1") == "1")
     pm = kh.add_lora(model, r=4, lora_alpha=8.0)
@@ -132,12 +139,12 @@ def train_case(out, world, rank, opts):
 
             dist.barrier()  # rank 0 has written it
             trained = {n: p.detach().clone() for n, p in kh.trainable_parameters(pm)}
-            again = kh.tiny_model("qwen3_moe", seed=3, **TINY)
+            again = tiny(family)
             kh.convert_model(again, lora_rank=4, lora_alpha=8.0, seed=99, cpuinfer_threads=1,
                              expert_parallel=True)
             again = kh.add_lora(again, r=4, lora_alpha=8.0)
             kh.load_adapter(again, path)
-            fresh = kh.from_adapter(kh.tiny_model("qwen3_moe", seed=3, **TINY), path, cpuinfer_threads=1,
+            fresh = kh.from_adapter(tiny(family), path, cpuinfer_threads=1,
                                     expert_parallel=True)
             result["reload_max_diff"] = max(float((dict(kh.trainable_parameters(m))[n] - t).abs().max())
                                             for m in (again, fresh) for n, t in trained.items())
