@@ -119,3 +119,33 @@ def test_refusals(tmp_path):
         kh.convert_model(model, lora_rank=2, lora_alpha=4.0, process_group=object())
     with pytest.raises(TypeError, match="expert_parallel must be True or False"):
         kh.convert_model(model, lora_rank=2, lora_alpha=4.0, expert_parallel="yes")
+
+
+def test_one_rank_group_and_what_an_expert_parallel_layer_refuses(tmp_path):
+    """In this process, a gloo group of one: the layer equals the plain one; copying, merged export and DDP
+    (which would all-reduce per-rank blocks) are refused with the reason."""
+    import copy
+
+    from ktmoe.parallel import distributed_data_parallel
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        a, b = kh.tiny_model("qwen3_moe", seed=3, **TINY), kh.tiny_model("qwen3_moe", seed=3, **TINY)
+        kh.convert_model(a, lora_rank=2, lora_alpha=4.0, seed=1, cpuinfer_threads=1, expert_parallel=True)
+        kh.convert_model(b, lora_rank=2, lora_alpha=4.0, seed=1, cpuinfer_threads=1)
+        x = torch.randint(0, 64, (2, 6))
+        with torch.no_grad():
+            assert torch.equal(a(input_ids=x).logits, b(input_ids=x).logits)
+        ep = next(iter(kh.routed_experts(a).values()))
+        assert "expert_parallel=(rank 0 of 1: experts [0, 8) of 8)" in repr(ep)
+        with pytest.raises(TypeError, match="expert-parallel ktmoe layer"):
+            copy.deepcopy(ep)
+        with pytest.raises(NotImplementedError, match="each rank holds only its block"):
+            ep.merged_weights(torch.bfloat16)
+        with pytest.raises(ValueError, match="sync_gradients"):
+            distributed_data_parallel(kh.add_lora(a, r=2, lora_alpha=4.0))
+    finally:
+        if started:
+            dist.destroy_process_group()

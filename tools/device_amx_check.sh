@@ -50,6 +50,9 @@ for lv in ${LEVELS//,/ }; do
 done
 KTMOE_TEST_LEVELS=$LEVELS run w8a8_levels 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_w8a8.py -k every_level
 
+# DDP with GPU attention and CPU experts (ktmoe.parallel.distributed_data_parallel) on the H200, NCCL
+run ddp_gpu 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_ddp_experts_gpu.py
+
 PEER_ARGS=()
 if [ -d peer/kt_kernel ]; then
     printf '#!/bin/sh\nPYTHONPATH="%s/peer${PYTHONPATH:+:$PYTHONPATH}" exec %s "$@"\n' "$PWD" "$(command -v "$PY")" \

@@ -187,6 +187,10 @@ def distributed_data_parallel(model: nn.Module, *, experts_group=None, **ddp_kwa
                            "(dist.init_process_group) first")
     if isinstance(model, DistributedDataParallel):
         raise ValueError("distributed_data_parallel() got a DistributedDataParallel: pass the model itself")
+    if any(getattr(m, "expert_parallel", None) is not None for m in model.modules()):
+        raise ValueError("distributed_data_parallel(): the model's experts are expert-parallel (each rank holds a "
+                         "different block, whose gradients are complete on their owner): do not all-reduce them; "
+                         "reduce the replicated gradients with ktmoe.parallel.sync_gradients(model) instead")
     params, buffers = _cpu_expert_tensors(model)
     if not params:
         raise ValueError("distributed_data_parallel(): the model has no ktmoe experts with parameters on the CPU "
