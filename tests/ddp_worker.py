@@ -1,4 +1,5 @@
-"""One rank of tests/test_ddp_experts.py, run under `torch.distributed.run --nproc_per_node 2` (gloo, CPU).
+"""One rank of tests/test_ddp_experts.py, run under `torch.distributed.run --nproc_per_node N` (N = 2 or 3; gloo,
+CPU) as `ddp_worker.py OUT [CASE,CASE...]` (all the cases and checks when no list is given).
 
 Every case trains a fresh tiny Qwen3-MoE three ways from the same start: with `ktmoe.parallel
 .distributed_data_parallel` on this rank's share of each batch, with plain DDP (possible here since everything is
@@ -17,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 import ktmoe.hf as kh  # noqa: E402
 from ktmoe.parallel import distributed_data_parallel  # noqa: E402
 
-STEPS, BATCH, SEQ, LR = 3, 4, 8, 0.05
+STEPS, BATCH, SEQ, LR = 3, 12, 8, 0.05  # BATCH: 2 or 3 ranks, each share in 1 or 2 equal micro-batches
 
 
 def build(peft: bool, gc: str, experts_only: bool = False):
@@ -161,20 +162,29 @@ def errors():
     return out
 
 
+CASES = {  # name: run_case's peft, gc, micro
+    "peft": (True, "", 1),
+    "accum": (True, "", 2),
+    "gc": (True, "plain", 1),
+    "gc_reentrant": (True, "reentrant", 2),
+    "full": (False, "", 2),
+}
+CHECKS = {"groups": groups, "missing_grad": missing_grad, "errors": errors}
+
+
 def main():
     out_dir = sys.argv[1]
+    wanted = sys.argv[2].split(",") if len(sys.argv) > 2 else list(CASES) + list(CHECKS)
     dist.init_process_group("gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
-    res = {
-        "peft": run_case(peft=True, gc="", micro=1, world=world, rank=rank),
-        "accum": run_case(peft=True, gc="", micro=2, world=world, rank=rank),
-        "gc": run_case(peft=True, gc="plain", micro=1, world=world, rank=rank),
-        "gc_reentrant": run_case(peft=True, gc="reentrant", micro=2, world=world, rank=rank),
-        "full": run_case(peft=False, gc="", micro=2, world=world, rank=rank),
-        "groups": groups(),
-        "missing_grad": missing_grad(),
-        "errors": errors(),
-    }
+    assert BATCH % world == 0 and all(w in CASES or w in CHECKS for w in wanted), (world, wanted)
+    res = {}
+    for w in wanted:
+        if w in CASES:
+            peft, gc, micro = CASES[w]
+            res[w] = run_case(peft=peft, gc=gc, micro=micro, world=world, rank=rank)
+        else:
+            res[w] = CHECKS[w]()
     torch.save(res, os.path.join(out_dir, f"result_{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -1,7 +1,9 @@
-"""One rank of the multi-process tests (run by tests/test_fsdp.py as `python tests/dist_worker.py CASE OUT`).
+"""One rank of the multi-process tests (run by tests/test_fsdp.py as `python tests/dist_worker.py CASE OUT`, 2 or 3
+ranks).
 
 RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT come from the environment; WORLD_SIZE=1 without them is the
-single-process reference on the combined batch. Writes OUT/result_<rank>.pt."""
+single-process reference on the combined batch. Writes OUT/result_<rank>.pt: the losses, the trained parameters
+(gathered whole) and each sharded parameter's local shape on this rank (3 ranks: uneven shards, some empty)."""
 import os
 import sys
 
@@ -12,7 +14,7 @@ torch.set_num_threads(1)
 import ktmoe.hf as kh  # noqa: E402
 from ktmoe.lora import LORA_NAMES  # noqa: E402
 
-STEPS, BATCH, SEQ, LR = 3, 4, 8, 0.05
+STEPS, BATCH, SEQ, LR = 3, 6, 8, 0.05  # BATCH: equal shares over 2 or 3 ranks
 
 
 def build(gc: bool):
@@ -56,6 +58,8 @@ def main():
         for layer in base.model.layers:
             fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
         fully_shard(pm, mesh=mesh, reshard_after_forward=reshard)
+    shards = {n: tuple(p.to_local().shape)  # DTensors under FSDP2
+              for n, p in kh.trainable_parameters(pm) if hasattr(p, "to_local")}
     params = [p for _, p in kh.trainable_parameters(pm)]
     opt = torch.optim.SGD(params, lr=LR)
     losses = []
@@ -83,7 +87,7 @@ def main():
             lora["outside_error"] = None
         except Exception as e:  # noqa: BLE001 - the test checks the type and message
             lora["outside_error"] = f"{type(e).__name__}: {e}"
-    torch.save({"losses": losses, "params": lora}, os.path.join(out, f"result_{rank}.pt"))
+    torch.save({"losses": losses, "params": lora, "shards": shards}, os.path.join(out, f"result_{rank}.pt"))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

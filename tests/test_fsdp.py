@@ -1,4 +1,5 @@
-"""FSDP2 (fully_shard) over 2 gloo processes on the CPU: training equals one process on the combined batch.
+"""FSDP2 (fully_shard) over 2 and 3 gloo processes on the CPU: training equals one process on the combined batch
+(3 ranks: the tiny model's 4 experts and rank-4 LoRA shard unevenly, 2 + 2 + 0 rows).
 
 Each case spawns its ranks as subprocesses (tests/dist_worker.py, MASTER_ADDR=127.0.0.1 on a free port),
 one engine thread and one torch thread each."""
@@ -15,7 +16,7 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
-from tolerances import DIST_REORDER_REL  # noqa: E402
+from tolerances import DIST_EP_ADAPTER_REL, DIST_EP_LOSS_REL, DIST_REORDER_REL  # noqa: E402
 
 import ktmoe  # noqa: E402
 
@@ -57,23 +58,44 @@ def single(tmp_path_factory):
     return {gc: _run(f"gc={gc},save=1", base / f"gc{gc}", 1)[0] | {"dir": base / f"gc{gc}"} for gc in (0, 1)}
 
 
-def _close(a, b, what):
+def _close(a, b, what, tol=DIST_REORDER_REL):
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     err = float((a - b).norm() / b.norm())
-    assert err < DIST_REORDER_REL, f"{what}: relative error {err:.2e}"
+    assert err < tol, f"{what}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("gc", [0, 1])
-@pytest.mark.parametrize("reshard", [1, 0])
-def test_fsdp2_equals_one_process(tmp_path, single, reshard, gc):
-    ranks = _run(f"reshard={reshard},gc={gc}", tmp_path, 2)
+# every reshard x checkpointing combination over 2 ranks; over 3, one of each setting (a spawn costs ~10-20 s)
+RUNS = [(2, 1, 0), (2, 1, 1), (2, 0, 0), (2, 0, 1), (3, 1, 0), (3, 0, 1)]
+
+
+@pytest.mark.parametrize("world,reshard,gc", RUNS, ids=[f"world{w}-reshard{r}-gc{g}" for w, r, g in RUNS])
+def test_fsdp2_equals_one_process(tmp_path, single, world, reshard, gc):
+    save = world == 3 and reshard == 1  # the adapter gathered from uneven shards
+    ranks = _run(f"reshard={reshard},gc={gc}" + (",save=1" if save else ""), tmp_path, world)
     ref = single[gc]
+    # 2 ranks: fp32 reorder only; 3: the batch split in three moves bf16 roundings in the experts (tolerances.py)
+    loss_tol, param_tol = (DIST_REORDER_REL, DIST_REORDER_REL) if world == 2 else (DIST_EP_LOSS_REL,
+                                                                                 DIST_EP_ADAPTER_REL)
     for r, res in enumerate(ranks):
-        _close(res["losses"], ref["losses"], f"rank {r} losses")
+        _close(res["losses"], ref["losses"], f"rank {r} losses", loss_tol)
         assert set(res["params"]) == set(ref["params"])
         for n, p in ref["params"].items():  # expert LoRA and attention LoRA, gathered whole
-            _close(res["params"][n], p, f"rank {r} {n}")
+            _close(res["params"][n], p, f"rank {r} {n}", param_tol)
+            assert torch.equal(res["params"][n], ranks[0]["params"][n]), f"rank {r} {n}"
     assert any("experts" in n for n in ref["params"])
+    assert set(ranks[0]["shards"]) == set(ref["params"])  # every trainable parameter sharded
+    for n, p in ref["params"].items():  # dim 0 split over the ranks: FSDP2's chunks, the last ones short or empty
+        rows = [res["shards"][n][0] for res in ranks]
+        assert sum(rows) == p.shape[0] and all(res["shards"][n][1:] == p.shape[1:] for res in ranks), (n, rows)
+    if world == 3:
+        experts = [n for n in ref["params"] if "experts" in n]
+        assert all([res["shards"][n][0] for res in ranks] == [2, 2, 0] for n in experts)
+    if save:
+        got = load_file(os.path.join(tmp_path, "adapter", "adapter_model.safetensors"))
+        want = load_file(os.path.join(ref["dir"], "adapter", "adapter_model.safetensors"))
+        assert sorted(got) == sorted(want) and any("experts" in k for k in got)
+        for k in want:
+            _close(got[k], want[k], k, param_tol)
 
 
 def test_dtensor_outside_forward_is_refused_and_save_adapter_writes_one_adapter(tmp_path, single):
