@@ -254,13 +254,13 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
             lora = []
         grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or
                                             any(p.requires_grad for p in lora))
+        if not self.trains and grad and (x.requires_grad or w.requires_grad):
+            raise RuntimeError(f"{self.wrapper.method} is an inference method: the experts compute no "
+                               "gradients; run under torch.no_grad() (generate() does), or convert with "
+                               "mode='sft' and an *_SFT method to train")
         if self.expert_parallel is not None:
             return self._forward_expert_parallel(x, ids, w, lora, grad).reshape(shape)
         if not self.trains:
-            if grad and (x.requires_grad or w.requires_grad):
-                raise RuntimeError(f"{self.wrapper.method} is an inference method: the experts compute no "
-                                   "gradients; run under torch.no_grad() (generate() does), or convert with "
-                                   "mode='sft' and an *_SFT method to train")
             y = self.wrapper.forward(x, ids, w)
         elif not grad:
             y, _ = self.wrapper._run_forward(x, ids, w, False)
@@ -274,10 +274,6 @@ class KTMoEHFExperts(_NoWeight, KTMoEExperts):
         dev = x.device
         x, ids, w = (t.to("cpu") for t in (x, ids, w))
         if not self.trains:
-            if grad and (x.requires_grad or w.requires_grad):
-                raise RuntimeError(f"{self.wrapper.method} is an inference method: the experts compute no "
-                                   "gradients; run under torch.no_grad() (generate() does), or convert with "
-                                   "mode='sft' and an *_SFT method to train")
             y = expert_parallel.forward_no_grad(self, x, ids, w, self.wrapper.forward)
         elif not grad:
             y = expert_parallel.forward_no_grad(self, x, ids, w,
