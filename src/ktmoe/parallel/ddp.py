@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.parallel.distributed import _find_tensors
 
 from ..torch_module import KTMoEExperts
+from .grads import expert_parallel_modules
 
 # model -> the reducer of the last DDP built over it (the reducer holds neither the model nor its DDP)
 _REDUCERS: "weakref.WeakKeyDictionary[nn.Module, ExpertGradReducer]" = weakref.WeakKeyDictionary()
@@ -187,7 +188,7 @@ def distributed_data_parallel(model: nn.Module, *, experts_group=None, **ddp_kwa
                            "(dist.init_process_group) first")
     if isinstance(model, DistributedDataParallel):
         raise ValueError("distributed_data_parallel() got a DistributedDataParallel: pass the model itself")
-    if any(getattr(m, "expert_parallel", None) is not None for m in model.modules()):
+    if expert_parallel_modules(model):
         raise ValueError("distributed_data_parallel(): the model's experts are expert-parallel (each rank holds a "
                          "different block, whose gradients are complete on their owner): do not all-reduce them; "
                          "reduce the replicated gradients with ktmoe.parallel.sync_gradients(model) instead")

@@ -31,13 +31,14 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter], *, average: bool = Fa
             off += n
 
 
+def expert_parallel_modules(model: torch.nn.Module) -> List[torch.nn.Module]:
+    """The model's expert-parallel experts modules (each holding one rank's block of a layer's experts)."""
+    return [m for m in model.modules() if getattr(m, "expert_parallel", None) is not None]
+
+
 def expert_parallel_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
     """The parameters that are one rank's block of an expert-parallel layer (not replicated over the ranks)."""
-    out: List[torch.nn.Parameter] = []
-    for m in model.modules():
-        if getattr(m, "expert_parallel", None) is not None:
-            out.extend(m.parameters(recurse=False))
-    return out
+    return [p for m in expert_parallel_modules(model) for p in m.parameters(recurse=False)]
 
 
 def sync_gradients(model: torch.nn.Module, *, average: bool = True, group=None) -> None:
@@ -67,25 +68,21 @@ def clip_grad_norm_(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]
     import torch.distributed as dist
 
     blocks = {id(p) for p in expert_parallel_parameters(model)}
-    grads = [p.grad for p in params if p.grad is not None]
     if not blocks:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    sq = torch.zeros(2, dtype=torch.float64)
-    for p in params:
-        if p.grad is not None:
-            sq[int(id(p) in blocks)] += float(p.grad.double().pow(2).sum())
-    block_sq = sq[1:].clone()
+    grads = [p for p in params if p.grad is not None]
+    squares = lambda ps: sum(float(p.grad.double().pow(2).sum()) for p in ps)  # noqa: E731
+    block_sq = torch.tensor([squares(p for p in grads if id(p) in blocks)], dtype=torch.float64)
     dist.all_reduce(block_sq, group=group)
-    total = math.sqrt(float(sq[0] + block_sq[0]))
+    total = math.sqrt(squares(p for p in grads if id(p) not in blocks) + float(block_sq))
     coef = min(1.0, max_norm / (total + 1e-6))
-    for g in grads:
-        g.mul_(coef)
+    for p in grads:
+        p.grad.mul_(coef)
     return total
 
 
 def _block_owners(model: torch.nn.Module) -> Dict[int, torch.nn.Module]:
-    return {id(p): m for m in model.modules() if getattr(m, "expert_parallel", None) is not None
-            for p in m.parameters(recurse=False)}
+    return {id(p): m for m in expert_parallel_modules(model) for p in m.parameters(recurse=False)}
 
 
 def whole_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
@@ -121,5 +118,5 @@ def load_whole_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn
     optimizer.load_state_dict({**sd, "state": state})
 
 
-__all__ = ["all_reduce_grads", "expert_parallel_parameters", "sync_gradients", "clip_grad_norm_",
+__all__ = ["all_reduce_grads", "expert_parallel_modules", "expert_parallel_parameters", "sync_gradients", "clip_grad_norm_",
            "whole_optimizer_state", "load_whole_optimizer_state"]
