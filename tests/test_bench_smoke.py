@@ -31,3 +31,18 @@ def test_bench_help_lists_presets():
     assert proc.returncode == 0, proc.stderr
     for name in ("qwen3-30b-a3b", "deepseek-v2-lite", "mixtral-8x7b", "deepseek-v3", "tiny"):
         assert name in proc.stdout
+
+
+def test_bench_expert_parallel_smoke(tmp_path):
+    """`--expert-parallel --smoke`: the 1-rank and the 2-rank (torchrun, gloo) runs, their table and exchange bytes."""
+    js = tmp_path / "ep.json"
+    proc = subprocess.run([sys.executable, "-m", "ktmoe.bench", "--expert-parallel", "--smoke", "--json", str(js)],
+                          capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [line.split("|")[3].split("x")[0].strip() for line in proc.stdout.splitlines()
+             if line.startswith("| tiny | 32 |")]
+    assert ranks == ["1", "2"], proc.stdout  # (threads per rank: the machine's CPUs, split over the ranks)
+    one, two = json.loads(js.read_text())["rows"]
+    assert (one["world"], one["local_experts"], one["bytes_per_step"]) == (1, 8, 0)
+    assert (two["world"], two["local_experts"], two["exchanges_per_step"]) == (2, 4, 8)
+    assert 0 < two["remote_bytes_per_step"] < two["bytes_per_step"]

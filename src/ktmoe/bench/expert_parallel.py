@@ -34,8 +34,7 @@ def _step(module, x, ids, w, dy):
 def worker(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ktmoe.bench.expert_parallel")
     p.add_argument("--preset", default="qwen3-30b-a3b", choices=sorted(wl.PRESETS))
-    p.add_argument("--tokens", type=int, default=256, help="tokens per rank (the global batch: ranks x tokens)")
-    p.add_argument("--global-tokens", type=int, default=None, help="the global batch (default: ranks x --tokens)")
+    p.add_argument("--global-tokens", type=int, required=True, help="tokens per step, split over the ranks")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -54,7 +53,7 @@ def worker(argv: Optional[List[str]] = None) -> int:
         dist.init_process_group("gloo")
         rank = dist.get_rank()
     pr = wl.PRESETS[a.preset]
-    gtok = a.global_tokens or world * a.tokens
+    gtok = a.global_tokens
     x, ids, w, dy = wl.make_inputs(gtok, pr.E, pr.k, pr.H)
     lo, hi = rank * gtok // world, (rank + 1) * gtok // world
     x, ids, w, dy = x[lo:hi], ids[lo:hi].contiguous(), w[lo:hi].contiguous(), dy[lo:hi]
@@ -114,6 +113,8 @@ def run(args) -> dict:
                 env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                         "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                                                                         "MASTER_PORT", "OMP_NUM_THREADS")}
+                if args.isa:  # the level cap reaches the ranks through the environment
+                    env["KTMOE_ISA"] = args.isa
                 print(f"[ktmoe.bench] expert parallel: {preset}, {2 * T} tokens, {ranks} rank(s)", file=sys.stderr,
                       flush=True)
                 subprocess.run(cmd, check=True, env=env, stdout=sys.stderr)
@@ -140,8 +141,8 @@ def render(result: dict) -> str:
         sent = (f"{r['bytes_per_step'] / 2**20:.2f} MiB ({r['remote_bytes_per_step'] / 2**20:.2f} MiB)"
                 if r["world"] > 1 else "-")
         lines.append(f"| {r['preset']['name']} | {r['global_tokens']} | {r['world']} x {r['threads_per_rank']} | "
-                     f"{r['local_experts']} (CPUs {r['rank_cpus']}) | {r['fwd_ms']:.1f} | {r['bwd_ms']:.1f} | {r['step_ms']:.1f} | "
-                     f"{ratio:.2f}x | {r['exchanges_per_step']:.0f} | {sent} |")
+                     f"{r['local_experts']} (CPUs {r['rank_cpus']}) | {r['fwd_ms']:.1f} | {r['bwd_ms']:.1f} | "
+                     f"{r['step_ms']:.1f} | {ratio:.2f}x | {r['exchanges_per_step']:.0f} | {sent} |")
     return "\n".join(lines)
 
 
