@@ -236,17 +236,15 @@ def _plan(ckpt: Checkpoint, layers: Dict[int, LayerSource], quant: str, qinfo: D
             plan.fused[src.down_key] = (layer, "down")
             continue
         first, end = blocks.get(layer, (0, src.E))
-        for which, keys in src.expert_keys.items():
-            main = "weight" if src.quant != "int4_pack" else "weight_packed"
-            for e, k in enumerate(keys):
-                plan.expert[k] = (layer, which, e, main)
-        for kind, per in src.aux_keys.items():
+        main = "weight" if src.quant != "int4_pack" else "weight_packed"
+        per_kind = [(main, src.expert_keys)] + list(src.aux_keys.items())
+        for kind, per in per_kind:
             for which, keys in per.items():
                 for e, k in enumerate(keys):
-                    plan.expert[k] = (layer, which, e, kind)
-        for k in [k for k, v in plan.expert.items() if v[0] == layer and not first <= v[2] < end]:
-            elsewhere.add(k)
-            del plan.expert[k]
+                    if first <= e < end:
+                        plan.expert[k] = (layer, which, e, kind)
+                    else:
+                        elsewhere.add(k)
     moe_keys = set(plan.expert) | set(plan.fused) | elsewhere
     from ..convert import _EXPERT_RE, _FUSED_RE
 
