@@ -14,7 +14,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .. import hf
-from ..parallel.grads import clip_grad_norm_, load_whole_optimizer_state, sync_gradients, whole_optimizer_state
+from ..parallel.grads import (clip_grad_norm_, expert_parallel_modules, load_whole_optimizer_state, sync_gradients,
+                              whole_optimizer_state)
 from . import checkpoint as ckpt_io
 from . import distributed as dist_io
 from .checkpoint import CheckpointError
@@ -206,6 +207,8 @@ def save_checkpoint(path: str, model, optimizer, scheduler, step: int, stats: Ru
     (expert-parallel blocks and their optimizer state are gathered: the checkpoint holds whole tensors, as one
     process writes them); only the rank with writes=True writes."""
     run_id = run_id or ckpt_io.new_run_id()
+    if not writes and not expert_parallel_modules(model):  # nothing to gather: only the writer needs the state
+        return
     adapter_sd, adapter_cfg = hf.adapter_state_dict(model)
     opt_state = whole_optimizer_state(optimizer, model)
     if not writes:
