@@ -5,8 +5,6 @@ one process on the combined batch. Cases (one launch per world size runs them): 
 accumulation under no_sync ("accum"), PEFT with non-reentrant ("gc") and reentrant gradient checkpointing (with
 accumulation, "gc_reentrant"), no PEFT with accumulation ("full"); over 3 ranks "peft" and "accum" only."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,15 +13,13 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 import torch.distributed as dist  # noqa: E402
 
-import ktmoe  # noqa: E402
+from launch import launch  # noqa: E402
 from tolerances import DIST_EP_ADAPTER_REL, DIST_EP_LOSS_REL, DIST_FULL_TRAIN_REL, DIST_REORDER_REL  # noqa: E402
 
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# the subprocesses import the ktmoe this process imported (CI installs it; a source tree has no native module)
-SRC = os.path.dirname(os.path.dirname(os.path.abspath(ktmoe.__file__)))
 STEPS = 3  # as in ddp_worker.py
 CASES = ["peft", "accum", "gc", "gc_reentrant", "full"]
 ACCUMULATING = ["accum", "gc_reentrant", "full"]  # 2 micro-batches a step, the first under no_sync
@@ -33,16 +29,8 @@ TRAINED = [pytest.param(2, c, id=f"2-{c}") for c in CASES] + [pytest.param(3, c,
 
 
 def _launch(out, world):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-               OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-              "KTMOE_TOPOLOGY"):
-        env.pop(k, None)
     wanted = [",".join(LAUNCHES[world])] if LAUNCHES[world] else []
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(world), os.path.join(HERE, "ddp_worker.py"), str(out)] + wanted,
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    launch([os.path.join(HERE, "ddp_worker.py"), str(out)] + wanted, world, timeout=600)
     return [torch.load(os.path.join(out, f"result_{r}.pt")) for r in range(world)]
 
 

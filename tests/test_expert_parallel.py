@@ -3,7 +3,6 @@ and 1 torch thread per rank; tests/expert_parallel_worker.py): one layer equals 
 training equals one process on the combined batch, the adapter gathered by save_adapter equals the single-process
 one and comes back block by block."""
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,7 +15,6 @@ from safetensors.torch import load_file  # noqa: E402
 
 from tolerances import DIST_EP_ADAPTER_REL, DIST_EP_LOSS_REL, DIST_REORDER_REL  # noqa: E402
 
-import ktmoe  # noqa: E402
 import ktmoe.hf as kh  # noqa: E402
 from ktmoe.parallel import expert_blocks  # noqa: E402
 
@@ -25,23 +23,14 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "expert_parallel_worker.py")
-# the subprocesses import the ktmoe this process imported (CI installs it; a source tree has no native module)
-SRC = os.path.dirname(os.path.dirname(os.path.abspath(ktmoe.__file__)))
 sys.path.insert(0, HERE)
 from expert_parallel_worker import TINY  # noqa: E402
+from launch import launch  # noqa: E402
 
 
 def _run(case: str, out, world: int):
     os.makedirs(out, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-               OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-              "KTMOE_TOPOLOGY"):
-        env.pop(k, None)
-    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
-                                 if world > 1 else [])
-    proc = subprocess.run(launch + [WORKER, case, str(out)], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    launch([WORKER, case, str(out)], world)
     return [torch.load(os.path.join(out, f"result_{r}.pt")) for r in range(world)]
 
 

@@ -1,13 +1,10 @@
 """FSDP2 (fully_shard) over 2 and 3 gloo processes on the CPU: training equals one process on the combined batch
 (3 ranks: the tiny model's 4 experts and rank-4 LoRA shard unevenly, 2 + 2 + 0 rows).
 
-Each case spawns its ranks as subprocesses (tests/dist_worker.py, MASTER_ADDR=127.0.0.1 on a free port),
-one engine thread and one torch thread each."""
+Each case launches its ranks with torchrun (tests/dist_worker.py, tests/launch.py), one engine thread and one
+torch thread each."""
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,36 +15,15 @@ from safetensors.torch import load_file  # noqa: E402
 
 from tolerances import DIST_EP_ADAPTER_REL, DIST_EP_LOSS_REL, DIST_REORDER_REL  # noqa: E402
 
-import ktmoe  # noqa: E402
+from launch import launch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# the ktmoe this test process imported (the installed package, or a source tree on PYTHONPATH)
-SRC = os.path.dirname(os.path.dirname(os.path.abspath(ktmoe.__file__)))
 WORKER = os.path.join(HERE, "dist_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(case: str, out, world: int):
     os.makedirs(out, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                                           "MASTER_ADDR", "MASTER_PORT", "KTMOE_TOPOLOGY")}
-    env.update(PYTHONPATH=SRC + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    if world > 1:
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-                   LOCAL_WORLD_SIZE=str(world))
-    procs = []
-    for r in range(world):
-        e = dict(env, RANK=str(r), LOCAL_RANK=str(r)) if world > 1 else env
-        procs.append(subprocess.Popen([sys.executable, WORKER, case, str(out)], env=e, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} of {world} ({case}) failed:\n{log[-4000:]}"
+    launch([WORKER, case, str(out)], world)
     return [torch.load(os.path.join(out, f"result_{r}.pt")) for r in range(world)]
 
 

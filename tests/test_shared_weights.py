@@ -7,8 +7,6 @@ import dataclasses
 import io
 import json
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -23,9 +21,8 @@ import ktmoe  # noqa: E402
 import ktmoe.hf as kh  # noqa: E402
 from ktmoe import weights_io  # noqa: E402
 from conftest import THREADS  # noqa: E402
+from launch import launch  # noqa: E402
 
-# the subprocesses import the ktmoe this process imported (CI installs it; a source tree has no native module)
-SRC = os.path.dirname(os.path.dirname(os.path.abspath(ktmoe.__file__)))
 # a few MiB per layer (bf16: 3 x E x I x H x 2 bytes = 6 MiB), so that page-level noise is irrelevant
 BIG = dict(hidden_size=256, moe_intermediate_size=512, num_experts=8, num_hidden_layers=2)
 SEED = 13
@@ -127,14 +124,7 @@ WORKER = textwrap.dedent("""
 def test_two_ranks_map_one_copy(big_folder, tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-               OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(worker), big_folder, str(tmp_path), json.dumps(BIG), str(SEED + 1)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    launch([str(worker), big_folder, str(tmp_path), json.dumps(BIG), str(SEED + 1)], 2)
     ranks = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in range(2)]
 
     layer_files = {os.path.realpath(os.path.join(big_folder, f)) for f in os.listdir(big_folder)

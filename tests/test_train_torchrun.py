@@ -1,8 +1,6 @@
 """`python -m ktmoe.train` under torchrun (2 gloo ranks, 1 engine thread and 1 torch thread each): the same
 losses and adapter as one process on the same global batch, one output folder written by rank 0, exact resume."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,29 +9,18 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 import torch.distributed as dist  # noqa: E402
 
-import ktmoe  # noqa: E402
+from launch import launch  # noqa: E402
 from tolerances import DIST_REORDER_REL, DIST_TRAIN_ADAPTER_REL, DIST_TRAIN_LOSS_REL  # noqa: E402
 
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-# the subprocesses import the ktmoe this process imported (CI installs it; a source tree has no native module)
-SRC = os.path.dirname(os.path.dirname(os.path.abspath(ktmoe.__file__)))
 JOB = ["--steps", "4", "--batch-size", "4", "--save-every", "2", "--no-compare", "--cpuinfer-threads", "1",
        "--torch-threads", "1", "--no-progress"]
 
 
 def _run(args, nproc=None):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-               OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-                                 if nproc else [])
-    proc = subprocess.run(launch + ["-m", "ktmoe.train"] + JOB + args, capture_output=True, text=True, env=env,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
+    return launch(["-m", "ktmoe.train"] + JOB + args, nproc, timeout=240)
 
 
 def _losses(folder):
@@ -111,9 +98,6 @@ def test_torchrun_expert_parallel_equals_one_process_and_resumes_exactly(tmp_pat
 
 
 def test_expert_parallel_needs_torchrun(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-m", "ktmoe.train", "--expert-parallel", "--output-dir",
-                           str(tmp_path / "x")] + JOB, capture_output=True, text=True, env=env, timeout=240)
+    proc = launch(["-m", "ktmoe.train", "--expert-parallel", "--output-dir", str(tmp_path / "x")] + JOB, timeout=240,
+                  check=False)
     assert proc.returncode != 0 and "expert_parallel needs more than one process" in proc.stdout + proc.stderr
