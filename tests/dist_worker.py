@@ -1,5 +1,5 @@
-"""One rank of the multi-process tests (run by tests/test_fsdp.py as `python tests/dist_worker.py CASE OUT`, 2 or 3
-ranks).
+"""One rank of the multi-process tests (run by tests/test_fsdp.py as `tests/dist_worker.py CASE OUT` under torchrun,
+2 or 3 ranks, or alone).
 
 RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT come from the environment; WORLD_SIZE=1 without them is the
 single-process reference on the combined batch. Writes OUT/result_<rank>.pt: the losses, the trained parameters
