@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny preset, T=16, one round: for CI")
     p.add_argument("--expert-parallel", action="store_true",
                    help="instead: one layer's step with the experts over 2 ranks (1 CPU each, torchrun + gloo) next "
-                        "to 1 rank with 2 CPUs, and the bytes exchanged (first --preset; --tokens per rank, "
+                        "to 1 rank with 2 CPUs, and the bytes exchanged (each --preset; --tokens per rank, "
                         "default 256)")
     p.add_argument("--accuracy", action="store_true",
                    help="instead of speed: rel-L2 error of y and every gradient vs the fp32 reference (on the "

@@ -100,8 +100,7 @@ def worker(argv: Optional[List[str]] = None) -> int:
 def run(args) -> dict:
     """The two runs, each in its own processes (so each gets the machine's CPUs afresh)."""
     rows = []
-    preset = args.preset[0]
-    for T in args.tokens:
+    for preset, T in ((p, t) for p in args.preset for t in args.tokens):
         for ranks in (1, 2):
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "ep.json")
