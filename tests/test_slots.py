@@ -26,7 +26,7 @@ BOP_SHAPES = [(1, 5, 64), (3, 33, 40), (8, 16, 32), (17, 48, 100), (40, 70, 130)
               (41, 64, 2048), (130, 300, 257), (2, 9, 96), (4, 70, 320)]
 OUTER_SHAPES = [(1, 1, 1), (5, 3, 31), (17, 4, 64), (40, 16, 100), (3, 33, 257), (16, 64, 256), (64, 16, 130)]
 ACT_SIZES = [1, 31, 256]
-# The W8A8 product (M, N, K): fewer rows than a tile level's crossover (blk.tile_min_m = 8) and exactly it,
+# The W8A8 product (M, N, K): fewer rows than a tile level's crossover (blk.pack_min_m = 8) and exactly it,
 # tile edges in N (16, 32, 33, 65), K off the 64-wide int8 tile rows (1, 40, 66, 100, 130, 193), and row counts
 # past one GEMM chunk (blk.mc = 128)
 Q8_FORMATS = ["int8", "int4", "int4_1"]

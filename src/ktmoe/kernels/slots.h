@@ -66,7 +66,8 @@ typedef struct {
     int nbb;                       /* intermediate columns per backward down task (<= KT_MAX_NB) */
     int nbh;                       /* columns of H per task of the stages that write rows of H (<= KT_MAX_NB) */
     int fused_max_m[KT_W_COUNT];   /* experts with at most this many rows take qdot_small (-1: never) */
-    int tile_min_m;                /* tile levels: fewer rows take the parent's kernels */
+    int pack_min_m;                /* levels with a packed weight layout (tiles, panels): blocks used by fewer
+                                      rows take the in-place kernels (tile levels: the parent's) */
     int xpack_min_m;               /* levels with xpack: experts with at least this many rows take it */
 } kt_blocking;
 

@@ -60,7 +60,7 @@ static void inherit(kt_slots *out, const kt_level *row, const kt_slots *p) {
     INHERIT(blk.nb);
     INHERIT(blk.nbb);
     INHERIT(blk.nbh);
-    INHERIT(blk.tile_min_m);
+    INHERIT(blk.pack_min_m);
     INHERIT(blk.xpack_min_m);
 }
 

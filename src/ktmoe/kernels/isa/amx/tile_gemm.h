@@ -15,7 +15,7 @@
  * from a row block used as NT (B = W^T, forward) or NN (B = W, backward), decoding quantized formats
  * through the level's decode slots first (int8 / int4 values are exact in bf16). The panel is reused over
  * all the expert's rows in the task, so the repack costs one pass over the block; with fewer rows than
- * blk.tile_min_m the parent's kernels take the block instead (repacking would cost more than it saves).
+ * blk.pack_min_m the parent's kernels take the block instead (repacking would cost more than it saves).
  * A rows (gathered by pointer) are copied into a zero-padded [32-row multiple, K rounded to 32] block.
  *
  * W8A8 (kt_layer.act_quant): the same 2 x 2 tile block with TDPBSSD, int8 x int8 summed 4 at a time into
@@ -151,7 +151,7 @@ static void kt_tile_gemm_panel(int M, int N, int K, const bf16_t *ap, const bf16
 /* ---- the prepared-operand slots ---- */
 
 static size_t kt_tile_bop_bytes(const kt_slots *S, const kt_wmat *w, int trans, int nr, int nc, int m) {
-    if (m < S->blk.tile_min_m) return S->parent->bop_bytes(S->parent, w, trans, nr, nc, m);
+    if (m < S->blk.pack_min_m) return S->parent->bop_bytes(S->parent, w, trans, nr, nc, m);
     int N = trans == KT_NT ? nr : nc, K = trans == KT_NT ? nc : nr, rows = imin(m, S->blk.mc);
     size_t decoded = w->fmt == KT_W_BF16 ? 0 : kt_align64(sizeof(bf16_t) * (size_t)nr * nc);
     return decoded + kt_align64(kt_tile_panel_bytes(N, K)) + sizeof(bf16_t) * (size_t)kt_round32(rows) * kt_round32(K) + 64;
@@ -159,7 +159,7 @@ static size_t kt_tile_bop_bytes(const kt_slots *S, const kt_wmat *w, int trans, 
 
 static void kt_tile_bop_prep(const kt_slots *S, const kt_wmat *w, int e, int r0, int nr, int c0, int nc, int trans,
                              int m, void *scratch, kt_bop *b) {
-    if (m < S->blk.tile_min_m) {
+    if (m < S->blk.pack_min_m) {
         S->parent->bop_prep(S->parent, w, e, r0, nr, c0, nc, trans, m, scratch, b);
         return;
     }
@@ -268,7 +268,7 @@ static void kt_tile_q8_gemm_panel(int M, int N, int K, const int8_t *ap, const i
 /* The tile panel goes after what the portable q8 operand uses (scales, decoded codes): the same prep, then
  * a repack of its codes. */
 static size_t kt_tile_q8_bytes(const kt_slots *S, const kt_wmat *w, int nr, int nc, int m) {
-    if (m < S->blk.tile_min_m) return S->parent->bop_q8_bytes(S->parent, w, nr, nc, m);
+    if (m < S->blk.pack_min_m) return S->parent->bop_q8_bytes(S->parent, w, nr, nc, m);
     int rows = imin(m, S->blk.mc);
     return kt_bop_q8_bytes_rows(S, w, nr, nc, m) + 64 + kt_align64(kt_tile_q8_panel_bytes(nr, nc)) +
            kt_align64((size_t)kt_round32(rows) * kt_round64i(nc)) + sizeof(int32_t) * (size_t)kt_round32(rows);
@@ -276,7 +276,7 @@ static size_t kt_tile_q8_bytes(const kt_slots *S, const kt_wmat *w, int nr, int 
 
 static void kt_tile_q8_prep(const kt_slots *S, const kt_wmat *w, int e, int r0, int nr, int c0, int nc, int m,
                             void *scratch, kt_bop *b) {
-    if (m < S->blk.tile_min_m) {
+    if (m < S->blk.pack_min_m) {
         S->parent->bop_q8_prep(S->parent, w, e, r0, nr, c0, nc, m, scratch, b);
         return;
     }
@@ -326,9 +326,9 @@ static double kt_tile_peak_loop(long iters) {
     return (double)iters * 4 * 16 * 16 * 32 * 2;
 }
 
-/* Shared by the amx and amx-model rows: tiles from tile_min_m rows on (per-level data; to be tuned on
+/* Shared by the amx and amx-model rows: tiles from pack_min_m rows on (per-level data; to be tuned on
  * silicon), everything else inherited. */
-#define KT_TILE_BLOCKING {.tile_min_m = 8}
+#define KT_TILE_BLOCKING {.pack_min_m = 8}
 #define KT_TILE_SLOTS                                                                                         \
     {.bop_bytes = kt_tile_bop_bytes, .bop_prep = kt_tile_bop_prep, .bop_gemm = kt_tile_bop_gemm,                \
      .bop_q8_bytes = kt_tile_q8_bytes, .bop_q8_prep = kt_tile_q8_prep, .bop_q8_gemm = kt_tile_q8_gemm,         \

@@ -1,8 +1,11 @@
 /* The avx2 level: the generic C vectorized by the compiler for AVX2 + FMA (this file's flags), with
- * register-blocked bf16 GEMM kernels (gemm.h). */
+ * register-blocked bf16 GEMM kernels in place (gemm.h) for small batches and the packed-panel GEMM
+ * (panel.h) for blocks used by at least blk.pack_min_m rows; LoRA products with 12 accumulators (outer.h). */
 #include "../../core/cpu.h"
 #include "../../generic/level.h"
 #include "gemm.h"
+#include "outer.h"
+#include "panel.h"
 
 /* bf16 B: the register-blocked kernel; fp32 B (the small LoRA matrices): the generic exact-fp32 path. */
 static void gemm_nt_avx2(int M, int N, int K, const bf16_t *const *a, const void *b, size_t ldb, int b_is_f32,
@@ -32,5 +35,9 @@ const kt_level kt_level_avx2 = {
     .parent = KT_ISA_PORTABLE,
     .autoselect = 1,
     .usable = kt_cpu_usable_avx2,
-    .slots = {KT_GENERIC_SLOT_FIELDS, .gemm_nt = gemm_nt_avx2, .gemm_nn = gemm_nn_avx2},
+    /* panels from 8 rows: measured on Zen 3 (2 threads), see panel.h */
+    .blk = {.pack_min_m = 8},
+    .slots = {KT_GENERIC_SLOT_FIELDS, .gemm_nt = gemm_nt_avx2, .gemm_nn = gemm_nn_avx2, .bop_bytes = kt2_bop_bytes,
+              .bop_prep = kt2_bop_prep, .bop_gemm = kt2_bop_gemm, .outer_f32 = kt2_outer_f32,
+              .outer_bf16 = kt2_outer_bf16},
 };

@@ -1,0 +1,217 @@
+/* The avx2 packed-panel GEMM (the bop_* slots, contract in slots.h), for blocks used by at least
+ * blk.pack_min_m rows; fewer rows take the in-place kernels of gemm.h (kt_bop_*_rows).
+ *
+ * Why: the in-place kernels convert bf16 inside the inner loop (shift/mask ops compete with the FMAs for the
+ * vector pipes), and the NN products read 32 bytes per weight row of a block whose rows lie a matrix row apart
+ * (4 KB for H = 2048: every row in the same L1 set). Measured on Zen 3 they reach 20-30% of the FMA peak.
+ *
+ * Layout (BLIS style): the weight block, decoded if quantized, is packed once per block into fp32 panels of
+ * 16 output columns, panel j = [K][16] (column n of C at lane n % 16 of panel n / 16), zero past N. NT blocks
+ * (rows = outputs, K contiguous) are transposed 8 x 8 on the way; NN blocks (rows = k) are widened row by
+ * row. bop_gemm converts the rows of A to fp32 per chunk of KT2_KC values of k, then runs the micro-kernel,
+ * 6 rows x 16 columns = 12 accumulators, per k: 2 panel loads, 6 broadcasts of A, 12 FMAs. Panels outer (a
+ * panel's chunk, 16 KB, stays in L1 while every row block passes over it), row blocks inner. The first chunk
+ * of k overwrites C, the later ones accumulate. */
+#ifndef KTMOE_AVX2_PANEL_H
+#define KTMOE_AVX2_PANEL_H
+
+#include "../../core/internal.h"
+#include "gemm.h"
+
+#define KT2_PN 16         /* columns per panel */
+#define KT2_MR 6          /* rows per micro-kernel */
+#define KT2_KC 256        /* values of k per chunk of A */
+#define KT2_DEC_ROWS 16   /* quantized blocks are decoded this many rows at a time before packing */
+
+static size_t kt2_round64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+KT2_AI __m256 kt2_widen8(const bf16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* r[t] = row t (8 values) -> r[t] = column t (value t of every row). */
+KT2_AI void kt2_transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xee);
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+/* NT: nrows <= 16 output rows of K bf16 values (stride ld) -> one panel [K][16], zero past nrows. */
+static void kt2_pack_nt(const bf16_t *src, size_t ld, int nrows, int K, float *P) {
+    int k = 0;
+    for (; k + 8 <= K; k += 8)
+        for (int h = 0; h < 2; h++) {
+            __m256 v[8];
+            for (int t = 0; t < 8; t++) {
+                int row = 8 * h + t;
+                v[t] = row < nrows ? kt2_widen8(src + (size_t)row * ld + k) : _mm256_setzero_ps();
+            }
+            kt2_transpose8(v);
+            for (int t = 0; t < 8; t++) _mm256_store_ps(P + (size_t)(k + t) * KT2_PN + 8 * h, v[t]);
+        }
+    for (; k < K; k++)
+        for (int row = 0; row < KT2_PN; row++)
+            P[(size_t)k * KT2_PN + row] = row < nrows ? kt_bf(src[(size_t)row * ld + k]) : 0.f;
+}
+
+/* NN: nk rows (values k0 .. k0 + nk of k) of N bf16 columns (stride ld) -> those rows of every panel. */
+static void kt2_pack_nn(const bf16_t *src, size_t ld, int nk, int k0, int N, int K, float *panel) {
+    for (int k = 0; k < nk; k++) {
+        const bf16_t *s = src + (size_t)k * ld;
+        int j = 0;
+        for (; (j + 1) * KT2_PN <= N; j++) {
+            float *d = panel + ((size_t)j * K + k0 + k) * KT2_PN;
+            _mm256_store_ps(d, kt2_widen8(s + j * KT2_PN));
+            _mm256_store_ps(d + 8, kt2_widen8(s + j * KT2_PN + 8));
+        }
+        if (j * KT2_PN < N) {
+            float *d = panel + ((size_t)j * K + k0 + k) * KT2_PN;
+            for (int n = 0; n < KT2_PN; n++) d[n] = j * KT2_PN + n < N ? kt_bf(s[j * KT2_PN + n]) : 0.f;
+        }
+    }
+}
+
+/* ---- the micro-kernel: C[MR][16] (=, +=) A[MR][kc] P[kc][16] ---- */
+
+KT2_AI void kt2_micro(const int MR, int kc, const float *af, const float *P, float *c, size_t ldc, int first) {
+    __m256 acc[KT2_MR][2];
+    for (int i = 0; i < MR; i++) {
+        acc[i][0] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + (size_t)i * ldc);
+        acc[i][1] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + (size_t)i * ldc + 8);
+    }
+    for (int k = 0; k < kc; k++) {
+        __m256 b0 = _mm256_load_ps(P + (size_t)k * KT2_PN), b1 = _mm256_load_ps(P + (size_t)k * KT2_PN + 8);
+        for (int i = 0; i < MR; i++) {
+            __m256 av = _mm256_broadcast_ss(af + (size_t)i * KT2_KC + k);
+            acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
+        }
+    }
+    for (int i = 0; i < MR; i++) {
+        _mm256_storeu_ps(c + (size_t)i * ldc, acc[i][0]);
+        _mm256_storeu_ps(c + (size_t)i * ldc + 8, acc[i][1]);
+    }
+}
+
+static void kt2_micro_mr(int mr, int kc, const float *af, const float *P, float *c, size_t ldc, int first) {
+    switch (mr) {
+    case 1: kt2_micro(1, kc, af, P, c, ldc, first); break;
+    case 2: kt2_micro(2, kc, af, P, c, ldc, first); break;
+    case 3: kt2_micro(3, kc, af, P, c, ldc, first); break;
+    case 4: kt2_micro(4, kc, af, P, c, ldc, first); break;
+    case 5: kt2_micro(5, kc, af, P, c, ldc, first); break;
+    default: kt2_micro(6, kc, af, P, c, ldc, first); break;
+    }
+}
+
+/* A panel of fewer than 16 columns goes through a 16-wide tile: C is written only inside [0, N). */
+static void kt2_micro_edge(int mr, int kc, const float *af, const float *P, float *c, size_t ldc, int first,
+                           int ncol) {
+    float t[KT2_MR * KT2_PN];
+    for (int i = 0; i < mr; i++)
+        for (int n = 0; n < KT2_PN; n++) t[i * KT2_PN + n] = first || n >= ncol ? 0.f : c[(size_t)i * ldc + n];
+    kt2_micro_mr(mr, kc, af, P, t, KT2_PN, first);
+    for (int i = 0; i < mr; i++) memcpy(c + (size_t)i * ldc, t + i * KT2_PN, sizeof(float) * (size_t)ncol);
+}
+
+/* ---- the slots ---- */
+
+static size_t kt2_panel_bytes(int N, int K) {
+    return kt2_round64(sizeof(float) * (size_t)((N + KT2_PN - 1) / KT2_PN) * KT2_PN * (size_t)K);
+}
+
+static size_t kt2_bop_bytes(const kt_slots *S, const kt_wmat *w, int trans, int nr, int nc, int m) {
+    if (m < S->blk.pack_min_m) return kt_bop_bytes_rows(S, w, trans, nr, nc, m);
+    int N = trans == KT_NT ? nr : nc, K = trans == KT_NT ? nc : nr;
+    size_t dec = w->fmt == KT_W_BF16 ? 0 : kt2_round64(sizeof(bf16_t) * KT2_DEC_ROWS * (size_t)nc);
+    size_t apack = sizeof(float) * (size_t)S->blk.mc * KT2_KC;
+    return 64 + kt2_panel_bytes(N, K) + apack + dec;
+}
+
+static void kt2_bop_prep(const kt_slots *S, const kt_wmat *w, int e, int r0, int nr, int c0, int nc, int trans,
+                         int m, void *scratch, kt_bop *b) {
+    if (m < S->blk.pack_min_m) {
+        kt_bop_prep_rows(S, w, e, r0, nr, c0, nc, trans, m, scratch, b);
+        return;
+    }
+    memset(b, 0, sizeof *b);
+    b->kind = KT_BOP_PANEL;
+    b->trans = trans;
+    int N = b->N = trans == KT_NT ? nr : nc, K = b->K = trans == KT_NT ? nc : nr;
+    b->e = e;
+    b->r0 = r0;
+    b->c0 = c0;
+    char *p = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    float *panel = (float *)p;
+    b->panel = panel;
+    p += kt2_panel_bytes(N, K);
+    b->work = p;
+    p += sizeof(float) * (size_t)S->blk.mc * KT2_KC;
+    bf16_t *dec = (bf16_t *)p;
+    const int bf = w->fmt == KT_W_BF16;
+    const bf16_t *inplace =
+        bf ? (const bf16_t *)w->data + ((size_t)e * w->rows + (size_t)(w->row0 + r0)) * w->cols + w->col0 + c0 : NULL;
+    for (int i = 0; i < nr; i += KT2_DEC_ROWS) { /* the block's rows, KT2_DEC_ROWS at a time */
+        int rows = imin(KT2_DEC_ROWS, nr - i);
+        const bf16_t *src = inplace ? inplace + (size_t)i * w->cols : dec;
+        size_t ld = inplace ? (size_t)w->cols : (size_t)nc;
+        if (!bf) kt_decode_block(S, w, e, r0 + i, rows, c0, nc, dec);
+        if (trans == KT_NT)
+            kt2_pack_nt(src, ld, rows, K, panel + (size_t)(i / KT2_PN) * K * KT2_PN);
+        else
+            kt2_pack_nn(src, ld, rows, i, N, K, panel);
+    }
+}
+
+/* rows [0, M) of A (bf16) against a packed block: C = A W^T (NT) or A W (NN), M <= blk.mc */
+static void kt2_bop_gemm(const kt_slots *S, int M, const bf16_t *const *a, const kt_bop *b, float *c, size_t ldc) {
+    if (b->kind != KT_BOP_PANEL) {
+        kt_bop_gemm_rows(S, M, a, b, c, ldc);
+        return;
+    }
+    const int N = b->N, K = b->K, np = (N + KT2_PN - 1) / KT2_PN;
+    if (M <= 0 || N <= 0) return;
+    if (K == 0) {
+        for (int i = 0; i < M; i++) memset(c + (size_t)i * ldc, 0, sizeof(float) * (size_t)N);
+        return;
+    }
+    float *af = b->work;
+    const float *panel = b->panel;
+    for (int k0 = 0; k0 < K; k0 += KT2_KC) {
+        const int kc = imin(KT2_KC, K - k0), first = k0 == 0;
+        for (int i = 0; i < M; i++) { /* A rows to fp32 */
+            const bf16_t *ai = a[i] + k0;
+            float *fi = af + (size_t)i * KT2_KC;
+            int k = 0;
+            for (; k + 8 <= kc; k += 8) _mm256_store_ps(fi + k, kt2_widen8(ai + k));
+            for (; k < kc; k++) fi[k] = kt_bf(ai[k]);
+        }
+        for (int j = 0; j < np; j++) {
+            const float *P = panel + ((size_t)j * K + k0) * KT2_PN;
+            const int ncol = imin(KT2_PN, N - j * KT2_PN);
+            for (int i0 = 0; i0 < M; i0 += KT2_MR) {
+                const int mr = imin(KT2_MR, M - i0);
+                float *ci = c + (size_t)i0 * ldc + (size_t)j * KT2_PN;
+                const float *ai = af + (size_t)i0 * KT2_KC;
+                if (ncol == KT2_PN)
+                    kt2_micro_mr(mr, kc, ai, P, ci, ldc, first);
+                else
+                    kt2_micro_edge(mr, kc, ai, P, ci, ldc, first, ncol);
+            }
+        }
+    }
+}
+
+#endif
