@@ -6,6 +6,7 @@
 #include "gemm.h"
 #include "outer.h"
 #include "panel.h"
+#include "qdot.h"
 
 /* bf16 B: the register-blocked kernel; fp32 B (the small LoRA matrices): the generic exact-fp32 path. */
 static void gemm_nt_avx2(int M, int N, int K, const bf16_t *const *a, const void *b, size_t ldb, int b_is_f32,
@@ -35,9 +36,10 @@ const kt_level kt_level_avx2 = {
     .parent = KT_ISA_PORTABLE,
     .autoselect = 1,
     .usable = kt_cpu_usable_avx2,
-    /* panels from 8 rows: measured on Zen 3 (2 threads), see panel.h */
-    .blk = {.pack_min_m = 8},
+    /* panels from 8 rows, fused quantized products below: measured on Zen 3 (2 threads), see panel.h, qdot.h */
+    .blk = {.pack_min_m = 8, .fused_max_m = {[KT_W_BF16] = -1, [KT_W_INT8] = 7, [KT_W_INT4] = 7, [KT_W_INT4_1] = 7,
+                                             [KT_W_FP8] = -1}},
     .slots = {KT_GENERIC_SLOT_FIELDS, .gemm_nt = gemm_nt_avx2, .gemm_nn = gemm_nn_avx2, .bop_bytes = kt2_bop_bytes,
-              .bop_prep = kt2_bop_prep, .bop_gemm = kt2_bop_gemm, .outer_f32 = kt2_outer_f32,
+              .bop_prep = kt2_bop_prep, .bop_gemm = kt2_bop_gemm, .qdot_small = kt2_qdot_small, .outer_f32 = kt2_outer_f32,
               .outer_bf16 = kt2_outer_bf16},
 };

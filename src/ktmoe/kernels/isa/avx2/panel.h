@@ -16,7 +16,7 @@
 #define KTMOE_AVX2_PANEL_H
 
 #include "../../core/internal.h"
-#include "gemm.h"
+#include "qdot.h"
 
 #define KT2_PN 16         /* columns per panel */
 #define KT2_MR 6          /* rows per micro-kernel */
@@ -24,10 +24,6 @@
 #define KT2_DEC_ROWS 16   /* quantized blocks are decoded this many rows at a time before packing */
 
 static size_t kt2_round64(size_t n) { return (n + 63) & ~(size_t)63; }
-
-KT2_AI __m256 kt2_widen8(const bf16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
 
 /* r[t] = row t (8 values) -> r[t] = column t (value t of every row). */
 KT2_AI void kt2_transpose8(__m256 r[8]) {
@@ -48,37 +44,47 @@ KT2_AI void kt2_transpose8(__m256 r[8]) {
     }
 }
 
-/* NT: nrows <= 16 output rows of K bf16 values (stride ld) -> one panel [K][16], zero past nrows. */
-static void kt2_pack_nt(const bf16_t *src, size_t ld, int nrows, int K, float *P) {
+/* 8 values of a source row: bf16 (widened) or fp32 (decoded quantized rows). */
+KT2_AI __m256 kt2_load8(const int f32, const void *p) {
+    return f32 ? _mm256_loadu_ps((const float *)p) : kt2_widen8((const bf16_t *)p);
+}
+KT2_AI float kt2_load1(const int f32, const void *p, size_t i) {
+    return f32 ? ((const float *)p)[i] : kt_bf(((const bf16_t *)p)[i]);
+}
+#define KT2_AT(f32, p, i) (const void *)((f32) ? (const char *)(p) + 4 * (i) : (const char *)(p) + 2 * (i))
+
+/* NT: nrows <= 16 output rows of K values (stride ld) -> one panel [K][16], zero past nrows. */
+KT2_AI void kt2_pack_nt(const int f32, const void *src, size_t ld, int nrows, int K, float *P) {
     int k = 0;
     for (; k + 8 <= K; k += 8)
         for (int h = 0; h < 2; h++) {
             __m256 v[8];
             for (int t = 0; t < 8; t++) {
                 int row = 8 * h + t;
-                v[t] = row < nrows ? kt2_widen8(src + (size_t)row * ld + k) : _mm256_setzero_ps();
+                v[t] = row < nrows ? kt2_load8(f32, KT2_AT(f32, src, (size_t)row * ld + k)) : _mm256_setzero_ps();
             }
             kt2_transpose8(v);
             for (int t = 0; t < 8; t++) _mm256_store_ps(P + (size_t)(k + t) * KT2_PN + 8 * h, v[t]);
         }
     for (; k < K; k++)
         for (int row = 0; row < KT2_PN; row++)
-            P[(size_t)k * KT2_PN + row] = row < nrows ? kt_bf(src[(size_t)row * ld + k]) : 0.f;
+            P[(size_t)k * KT2_PN + row] = row < nrows ? kt2_load1(f32, src, (size_t)row * ld + k) : 0.f;
 }
 
-/* NN: nk rows (values k0 .. k0 + nk of k) of N bf16 columns (stride ld) -> those rows of every panel. */
-static void kt2_pack_nn(const bf16_t *src, size_t ld, int nk, int k0, int N, int K, float *panel) {
+/* NN: nk rows (values k0 .. k0 + nk of k) of N columns (stride ld) -> those rows of every panel. */
+KT2_AI void kt2_pack_nn(const int f32, const void *src, size_t ld, int nk, int k0, int N, int K, float *panel) {
     for (int k = 0; k < nk; k++) {
-        const bf16_t *s = src + (size_t)k * ld;
+        const size_t row = (size_t)k * ld;
         int j = 0;
         for (; (j + 1) * KT2_PN <= N; j++) {
             float *d = panel + ((size_t)j * K + k0 + k) * KT2_PN;
-            _mm256_store_ps(d, kt2_widen8(s + j * KT2_PN));
-            _mm256_store_ps(d + 8, kt2_widen8(s + j * KT2_PN + 8));
+            _mm256_store_ps(d, kt2_load8(f32, KT2_AT(f32, src, row + (size_t)j * KT2_PN)));
+            _mm256_store_ps(d + 8, kt2_load8(f32, KT2_AT(f32, src, row + (size_t)j * KT2_PN + 8)));
         }
         if (j * KT2_PN < N) {
             float *d = panel + ((size_t)j * K + k0 + k) * KT2_PN;
-            for (int n = 0; n < KT2_PN; n++) d[n] = j * KT2_PN + n < N ? kt_bf(s[j * KT2_PN + n]) : 0.f;
+            for (int n = 0; n < KT2_PN; n++)
+                d[n] = j * KT2_PN + n < N ? kt2_load1(f32, src, row + (size_t)j * KT2_PN + n) : 0.f;
         }
     }
 }
@@ -132,51 +138,76 @@ static size_t kt2_panel_bytes(int N, int K) {
     return kt2_round64(sizeof(float) * (size_t)((N + KT2_PN - 1) / KT2_PN) * KT2_PN * (size_t)K);
 }
 
+/* Small forward products on INT8 / INT4 / INT4_1 take the fused kernel (qdot.h), as the NN ones take
+ * qdot_small through the default slots. */
+static int kt2_fused_nt(const kt_slots *S, const kt_wmat *w, int trans, int m) {
+    return trans == KT_NT && kt2_decodes(w->fmt) && m <= S->blk.fused_max_m[w->fmt] && m <= KT2_QNT_MAX_M;
+}
+
 static size_t kt2_bop_bytes(const kt_slots *S, const kt_wmat *w, int trans, int nr, int nc, int m) {
+    if (kt2_fused_nt(S, w, trans, m)) return kt2_qnt_bytes(imin(m, S->blk.mc), nc);
     if (m < S->blk.pack_min_m) return kt_bop_bytes_rows(S, w, trans, nr, nc, m);
     int N = trans == KT_NT ? nr : nc, K = trans == KT_NT ? nc : nr;
-    size_t dec = w->fmt == KT_W_BF16 ? 0 : kt2_round64(sizeof(bf16_t) * KT2_DEC_ROWS * (size_t)nc);
+    size_t dec = w->fmt == KT_W_BF16 ? 0 : kt2_round64(sizeof(float) * KT2_DEC_ROWS * (size_t)nc);
     size_t apack = sizeof(float) * (size_t)S->blk.mc * KT2_KC;
     return 64 + kt2_panel_bytes(N, K) + apack + dec;
 }
 
 static void kt2_bop_prep(const kt_slots *S, const kt_wmat *w, int e, int r0, int nr, int c0, int nc, int trans,
                          int m, void *scratch, kt_bop *b) {
-    if (m < S->blk.pack_min_m) {
+    if (!kt2_fused_nt(S, w, trans, m) && m < S->blk.pack_min_m) {
         kt_bop_prep_rows(S, w, e, r0, nr, c0, nc, trans, m, scratch, b);
         return;
     }
     memset(b, 0, sizeof *b);
-    b->kind = KT_BOP_PANEL;
     b->trans = trans;
     int N = b->N = trans == KT_NT ? nr : nc, K = b->K = trans == KT_NT ? nc : nr;
     b->e = e;
     b->r0 = r0;
     b->c0 = c0;
+    if (kt2_fused_nt(S, w, trans, m)) {
+        b->kind = KT_BOP_FUSED;
+        b->src = w;
+        b->work = scratch;
+        return;
+    }
+    b->kind = KT_BOP_PANEL;
     char *p = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     float *panel = (float *)p;
     b->panel = panel;
     p += kt2_panel_bytes(N, K);
     b->work = p;
     p += sizeof(float) * (size_t)S->blk.mc * KT2_KC;
-    bf16_t *dec = (bf16_t *)p;
-    const int bf = w->fmt == KT_W_BF16;
+    /* bf16 is packed where it lies; INT8 / INT4 / INT4_1 decode to fp32 rows, other formats to bf16 rows */
+    const int bf = w->fmt == KT_W_BF16, f32 = kt2_decodes(w->fmt);
     const bf16_t *inplace =
         bf ? (const bf16_t *)w->data + ((size_t)e * w->rows + (size_t)(w->row0 + r0)) * w->cols + w->col0 + c0 : NULL;
     for (int i = 0; i < nr; i += KT2_DEC_ROWS) { /* the block's rows, KT2_DEC_ROWS at a time */
         int rows = imin(KT2_DEC_ROWS, nr - i);
-        const bf16_t *src = inplace ? inplace + (size_t)i * w->cols : dec;
+        const void *src = inplace ? (const void *)(inplace + (size_t)i * w->cols) : (const void *)p;
         size_t ld = inplace ? (size_t)w->cols : (size_t)nc;
-        if (!bf) kt_decode_block(S, w, e, r0 + i, rows, c0, nc, dec);
-        if (trans == KT_NT)
-            kt2_pack_nt(src, ld, rows, K, panel + (size_t)(i / KT2_PN) * K * KT2_PN);
+        if (f32)
+            for (int r = 0; r < rows; r++) kt2_dec_row(w, e, r0 + i + r, c0, nc, (float *)p + (size_t)r * nc);
+        else if (!bf)
+            kt_decode_block(S, w, e, r0 + i, rows, c0, nc, (bf16_t *)p);
+        float *pj = panel + (size_t)(i / KT2_PN) * K * KT2_PN;
+        if (trans == KT_NT && f32)
+            kt2_pack_nt(1, src, ld, rows, K, pj);
+        else if (trans == KT_NT)
+            kt2_pack_nt(0, src, ld, rows, K, pj);
+        else if (f32)
+            kt2_pack_nn(1, src, ld, rows, i, N, K, panel);
         else
-            kt2_pack_nn(src, ld, rows, i, N, K, panel);
+            kt2_pack_nn(0, src, ld, rows, i, N, K, panel);
     }
 }
 
 /* rows [0, M) of A (bf16) against a packed block: C = A W^T (NT) or A W (NN), M <= blk.mc */
 static void kt2_bop_gemm(const kt_slots *S, int M, const bf16_t *const *a, const kt_bop *b, float *c, size_t ldc) {
+    if (b->kind == KT_BOP_FUSED && b->trans == KT_NT) {
+        kt2_qdot_nt(M, b->N, b->K, a, b->src, b->e, b->r0, b->c0, b->work, c, ldc);
+        return;
+    }
     if (b->kind != KT_BOP_PANEL) {
         kt_bop_gemm_rows(S, M, a, b, c, ldc);
         return;

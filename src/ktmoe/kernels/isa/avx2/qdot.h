@@ -1,0 +1,263 @@
+/* Quantized weights at the avx2 level: INT8, INT4 and INT4_1 codes decoded straight to fp32 (8 at a time),
+ * and the small-M products that use it without writing a decoded block to memory.
+ *
+ * Values are exactly the bf16 values the decode slots produce (formats/decode.h): INT8 bf16(s * q), INT4 /
+ * INT4_1 bf16(fma(s, n, off)) looked up in a 16-entry table per scale block (two 8-entry vpermps and a
+ * blend on bit 3 of the nibble). Scales are finite (checked when weights are loaded), so the vector round
+ * to bf16 needs no NaN case.
+ *
+ * Why: below blk.pack_min_m rows (small batches, bandwidth-bound), the default path decodes a whole block to
+ * bf16 in scratch and reads it back; measured on Zen 3 that made INT8 and INT4 ~2x *slower* than BF16 at
+ * T = 16 although they read 1/2 and 1/4 of the bytes. Here a few rows of weights are decoded into an
+ * L1-resident fp32 tile and consumed at once:
+ *   NT (forward, C = A W^T): 4 weight rows x a chunk of k per tile, dot products of up to 3 activation rows
+ *     (12 accumulators), summed horizontally at the end of the row;
+ *   NN (backward, the qdot_small slot, C = A W): up to 8 weight rows x a strip of columns per tile, axpy
+ *     blocks of 3 activation rows x 32 columns. */
+#ifndef KTMOE_AVX2_QDOT_H
+#define KTMOE_AVX2_QDOT_H
+
+#include "../../core/internal.h"
+#include "../../formats/decode.h"
+#include "gemm.h"
+
+#define KT2_QPFD 8 /* rows ahead whose codes the NN decode prefetches (rows lie a matrix row apart) */
+
+static int kt2_decodes(int fmt) { return fmt == KT_W_INT8 || fmt == KT_W_INT4 || fmt == KT_W_INT4_1; }
+
+KT2_AI __m256 kt2_round_bf16(__m256 x) {
+    __m256i u = _mm256_castps_si256(x);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
+    return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+/* The 8 nibbles from nibble index `at` of q, nibble i in bits 4i .. 4i + 3 (reads only the bytes they lie in). */
+static inline uint32_t kt2_nibbles8(const uint8_t *q, size_t at) {
+    const uint8_t *b = q + (at >> 1);
+    uint32_t v;
+    memcpy(&v, b, 4);
+    return (at & 1) ? (v >> 4) | ((uint32_t)b[4] << 28) : v;
+}
+
+/* n values of one scale block: row `row`, columns [col, col + n) of expert e (absolute coordinates) -> fp32. */
+static void kt2_dec_run(const kt_wmat *w, int e, int row, int col, int n, float *d) {
+    const size_t si = kt_scale_index(w, e, row, col), at = kt_code_index(w, e, row, col);
+    const float s = w->scale[si];
+    int j = 0;
+    if (w->fmt == KT_W_INT8) {
+        const int8_t *q = (const int8_t *)w->data + at;
+        const __m256 vs = _mm256_set1_ps(s);
+        for (; j + 8 <= n; j += 8) {
+            __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + j)));
+            _mm256_storeu_ps(d + j, kt2_round_bf16(_mm256_mul_ps(vs, _mm256_cvtepi32_ps(v))));
+        }
+        for (; j < n; j++) d[j] = kt_bf(kt_round_bf16(s * (float)q[j]));
+        return;
+    }
+    const float off = w->fmt == KT_W_INT4 ? -8.0f * s : w->zero[si];
+    const uint8_t *q = (const uint8_t *)w->data;
+    const __m256 vs = _mm256_set1_ps(s), voff = _mm256_set1_ps(off);
+    const __m256 lo = kt2_round_bf16(_mm256_fmadd_ps(vs, _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), voff));
+    const __m256 hi = kt2_round_bf16(_mm256_fmadd_ps(vs, _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15), voff));
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    for (; j + 8 <= n; j += 8) {
+        __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)kt2_nibbles8(q, at + j)), shifts),
+                                       _mm256_set1_epi32(15));
+        __m256 vl = _mm256_permutevar8x32_ps(lo, idx), vh = _mm256_permutevar8x32_ps(hi, idx);
+        _mm256_storeu_ps(d + j, _mm256_blendv_ps(vl, vh, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))));
+    }
+    for (; j < n; j++) {
+        size_t i = at + j;
+        int nib = (q[i >> 1] >> ((i & 1) * 4)) & 15;
+        d[j] = kt_bf(kt_round_bf16(__builtin_fmaf(s, (float)nib, off)));
+    }
+}
+
+/* Row r, columns [c, c + n) of expert e, view coordinates, any number of scale blocks -> fp32. */
+static void kt2_dec_row(const kt_wmat *w, int e, int r, int c, int n, float *d) {
+    const int row = w->row0 + r;
+    for (int j = 0; j < n;) {
+        int col = w->col0 + c + j;
+        int len = (col / w->group + 1) * w->group - col; /* to the end of this scale block */
+        if (len > n - j) len = n - j;
+        kt2_dec_run(w, e, row, col, len, d + j);
+        j += len;
+    }
+}
+
+static void kt2_prefetch_row(const kt_wmat *w, int e, int r, int c, int n) {
+    const int bits = kt_format_bits(w->fmt);
+    const size_t at = kt_code_index(w, e, w->row0 + r, w->col0 + c), bytes = ((size_t)n * bits + 7) / 8 + 1;
+    const char *p = (const char *)w->data + at * bits / 8;
+    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+    __builtin_prefetch(p + bytes - 1);
+}
+
+/* ---- NT: C[i][n] = sum_k A_i[k] W[r0 + n][c0 + k], M <= KT2_QNT_MAX_M, up to 3 rows per block ---- */
+
+#define KT2_QKC 512 /* values of k per tile */
+
+KT2_AI void kt2_qnt_block(const int MR, const int NR, int kc, const float *af, size_t lda, const float *t,
+                          __m256 (*accp)[4]) {
+    __m256 acc[3][4]; /* a local copy: __m256 may alias the float loads, which would keep accp in memory */
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) acc[i][j] = accp[i][j];
+    for (int k = 0; k + 8 <= kc; k += 8) {
+        __m256 a[3];
+        for (int i = 0; i < MR; i++) a[i] = _mm256_loadu_ps(af + (size_t)i * lda + k);
+        for (int j = 0; j < NR; j++) {
+            __m256 b = _mm256_loadu_ps(t + (size_t)j * KT2_QKC + k);
+            for (int i = 0; i < MR; i++) acc[i][j] = _mm256_fmadd_ps(a[i], b, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) accp[i][j] = acc[i][j];
+}
+
+#define KT2_QNT_CASE(MR_, NR_) kt2_qnt_block(MR_, NR_, kc, af, lda, t, acc)
+
+static void kt2_qnt_rows(int mr, int nr, int kc, const float *af, size_t lda, const float *t, __m256 (*acc)[4]) {
+    switch ((mr - 1) * 4 + nr - 1) {
+    case 0: KT2_QNT_CASE(1, 1); break;
+    case 1: KT2_QNT_CASE(1, 2); break;
+    case 2: KT2_QNT_CASE(1, 3); break;
+    case 3: KT2_QNT_CASE(1, 4); break;
+    case 4: KT2_QNT_CASE(2, 1); break;
+    case 5: KT2_QNT_CASE(2, 2); break;
+    case 6: KT2_QNT_CASE(2, 3); break;
+    case 7: KT2_QNT_CASE(2, 4); break;
+    case 8: KT2_QNT_CASE(3, 1); break;
+    case 9: KT2_QNT_CASE(3, 2); break;
+    case 10: KT2_QNT_CASE(3, 3); break;
+    default: KT2_QNT_CASE(3, 4); break;
+    }
+}
+
+#define KT2_QNT_MAX_M 9 /* three blocks of three rows */
+
+/* Scratch of kt2_qdot_nt: the fp32 A rows and the decoded tile. */
+static size_t kt2_qnt_bytes(int M, int K) {
+    return sizeof(float) * ((size_t)M * (size_t)(K + 16) + 4 * KT2_QKC) + 64;
+}
+
+static void kt2_qdot_nt(int M, int N, int K, const bf16_t *const *a, const kt_wmat *w, int e, int r0, int c0,
+                        float *work, float *c, size_t ldc) {
+    const size_t lda = (size_t)((K + 15) & ~7); /* each row zero-padded to a multiple of 8 */
+    float *af = (float *)(((uintptr_t)work + 31) & ~(uintptr_t)31), *t = af + (size_t)M * lda;
+    for (int i = 0; i < M; i++) {
+        float *fi = af + (size_t)i * lda;
+        int k = 0;
+        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(fi + k, kt2_widen8(a[i] + k));
+        for (; k < K; k++) fi[k] = kt_bf(a[i][k]);
+        for (; k < (int)lda; k++) fi[k] = 0.f;
+    }
+    const int nmb = (M + 2) / 3;
+    for (int n0 = 0; n0 < N; n0 += 4) {
+        const int nr = imin(4, N - n0);
+        __m256 acc[3][3][4]; /* [row block][row][weight row] */
+        for (int b = 0; b < 3; b++)
+            for (int i = 0; i < 3; i++)
+                for (int j = 0; j < 4; j++) acc[b][i][j] = _mm256_setzero_ps();
+        for (int k0 = 0; k0 < K; k0 += KT2_QKC) {
+            const int kc = imin(KT2_QKC, K - k0), kc8 = (kc + 7) & ~7;
+            for (int j = 0; j < nr; j++) {
+                float *tj = t + (size_t)j * KT2_QKC;
+                kt2_dec_row(w, e, r0 + n0 + j, c0 + k0, kc, tj);
+                for (int k = kc; k < kc8; k++) tj[k] = 0.f;
+            }
+            for (int m = 0, blk = 0; m < M; blk++) {
+                const int mr = (M - m + (nmb - blk) - 1) / (nmb - blk); /* balanced: 4 -> 2 + 2 */
+                kt2_qnt_rows(mr, nr, kc8, af + (size_t)m * lda + k0, lda, t, acc[blk]);
+                m += mr;
+            }
+        }
+        for (int m = 0, blk = 0; m < M; blk++) {
+            const int mr = (M - m + (nmb - blk) - 1) / (nmb - blk);
+            for (int i = 0; i < mr; i++)
+                for (int j = 0; j < nr; j++) c[(size_t)(m + i) * ldc + n0 + j] = kt2_hsum(acc[blk][i][j]);
+            m += mr;
+        }
+    }
+}
+
+/* ---- NN (the qdot_small slot): C[p][j] (+)= sum_k af_p[k] W[r0 + k][c0 + j] ---- */
+
+#define KT2_QTR 8   /* weight rows per tile */
+#define KT2_QCW 256 /* columns per strip */
+
+/* MR activation rows x NV vectors of 8 columns, over the tr rows of the tile */
+KT2_AI void kt2_qnn_block(const int MR, const int NV, int tr, const float *af, size_t lda, const float *t,
+                          size_t ldt, float *c, size_t ldc) {
+    __m256 acc[3][4];
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < NV; v++) acc[i][v] = _mm256_loadu_ps(c + (size_t)i * ldc + 8 * v);
+    for (int k = 0; k < tr; k++) {
+        __m256 b[4];
+        for (int v = 0; v < NV; v++) b[v] = _mm256_loadu_ps(t + (size_t)k * ldt + 8 * v);
+        for (int i = 0; i < MR; i++) {
+            __m256 av = _mm256_broadcast_ss(af + (size_t)i * lda + k);
+            for (int v = 0; v < NV; v++) acc[i][v] = _mm256_fmadd_ps(av, b[v], acc[i][v]);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < NV; v++) _mm256_storeu_ps(c + (size_t)i * ldc + 8 * v, acc[i][v]);
+}
+
+#define KT2_QNN_CASE(MR_, NV_) kt2_qnn_block(MR_, NV_, tr, af, lda, t, ldt, c, ldc)
+
+static void kt2_qnn_rows(int mr, int nv, int tr, const float *af, size_t lda, const float *t, size_t ldt, float *c,
+                         size_t ldc) {
+    switch ((mr - 1) * 4 + nv - 1) {
+    case 0: KT2_QNN_CASE(1, 1); break;
+    case 1: KT2_QNN_CASE(1, 2); break;
+    case 2: KT2_QNN_CASE(1, 3); break;
+    case 3: KT2_QNN_CASE(1, 4); break;
+    case 4: KT2_QNN_CASE(2, 1); break;
+    case 5: KT2_QNN_CASE(2, 2); break;
+    case 6: KT2_QNN_CASE(2, 3); break;
+    case 7: KT2_QNN_CASE(2, 4); break;
+    case 8: KT2_QNN_CASE(3, 1); break;
+    case 9: KT2_QNN_CASE(3, 2); break;
+    case 10: KT2_QNN_CASE(3, 3); break;
+    default: KT2_QNN_CASE(3, 4); break;
+    }
+}
+
+static void kt2_qdot_small(int m, int nc, int K, const float *af, size_t lda, const kt_wmat *w, int e, int r0,
+                           int c0, float *c, size_t ldc, int accumulate, float *lut) {
+    if (!accumulate)
+        for (int p = 0; p < m; p++) memset(c + (size_t)p * ldc, 0, sizeof(float) * (size_t)nc);
+    if (m <= 0 || nc <= 0 || K <= 0) return;
+    /* the tile lives in the 16 K floats of `lut` (the slot's scratch) */
+    const int cw = imin(imin(nc, KT2_QCW), 16 * K);
+    const int tr = imin(imin(KT2_QTR, K), 16 * K / cw);
+    float *t = lut;
+    for (int j0 = 0; j0 < nc; j0 += cw) {
+        const int nb = imin(cw, nc - j0), nb8 = nb & ~7;
+        for (int k0 = 0; k0 < K; k0 += tr) {
+            const int kr = imin(tr, K - k0);
+            for (int k = 0; k < kr; k++) {
+                if (k0 + k + KT2_QPFD < K) kt2_prefetch_row(w, e, r0 + k0 + k + KT2_QPFD, c0 + j0, nb);
+                kt2_dec_row(w, e, r0 + k0 + k, c0 + j0, nb, t + (size_t)k * cw);
+            }
+            const float *ak = af + k0;
+            for (int p0 = 0; p0 < m; p0 += 3) {
+                const int mr = imin(3, m - p0);
+                for (int v0 = 0; v0 < nb8; v0 += 32) {
+                    const int vb = imin(32, nb8 - v0);
+                    float *cb = c + (size_t)p0 * ldc + j0 + v0;
+                    const float *ab = ak + (size_t)p0 * lda, *tb = t + v0;
+                    kt2_qnn_rows(mr, vb / 8, kr, ab, lda, tb, (size_t)cw, cb, ldc);
+                }
+                for (int i = 0; i < mr; i++) /* columns past the last full vector */
+                    for (int k = 0; k < kr; k++) {
+                        const float x = ak[(size_t)(p0 + i) * lda + k];
+                        for (int j = nb8; j < nb; j++) c[(size_t)(p0 + i) * ldc + j0 + j] += x * t[(size_t)k * cw + j];
+                    }
+            }
+        }
+    }
+}
+
+#endif
