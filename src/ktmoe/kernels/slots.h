@@ -59,6 +59,18 @@ typedef struct {
     const float *qzero;  /* [N]; NULL: no zero point (int8, int4) */
 } kt_bop;
 
+/* A cleared descriptor of the block rows [r0, r0 + nr) x columns [c0, c0 + nc) of expert e, for `trans`. */
+static inline void kt_bop_open(kt_bop *b, int kind, int trans, int e, int r0, int nr, int c0, int nc) {
+    memset(b, 0, sizeof *b);
+    b->kind = kind;
+    b->trans = trans;
+    b->N = trans == KT_NT ? nr : nc;
+    b->K = trans == KT_NT ? nc : nr;
+    b->e = e;
+    b->r0 = r0;
+    b->c0 = c0;
+}
+
 /* Blocking and crossovers: data, per level. 0 inherits. */
 typedef struct {
     int mc;                        /* rows of A per GEMM call (<= KT_MAX_MC) */

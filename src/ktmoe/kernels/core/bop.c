@@ -48,20 +48,13 @@ size_t kt_bop_bytes_rows(const kt_slots *S, const kt_wmat *w, int trans, int nr,
 
 void kt_bop_prep_rows(const kt_slots *S, const kt_wmat *w, int e, int r0, int nr, int c0, int nc, int trans, int m,
                       void *scratch, kt_bop *b) {
-    memset(b, 0, sizeof *b);
-    b->trans = trans;
-    b->N = trans == KT_NT ? nr : nc;
-    b->K = trans == KT_NT ? nc : nr;
-    b->e = e;
-    b->r0 = r0;
-    b->c0 = c0;
     if (takes_fused(S, w, trans, m)) {
-        b->kind = KT_BOP_FUSED;
+        kt_bop_open(b, KT_BOP_FUSED, trans, e, r0, nr, c0, nc);
         b->src = w;
         b->work = scratch;
         return;
     }
-    b->kind = KT_BOP_ROWS;
+    kt_bop_open(b, KT_BOP_ROWS, trans, e, r0, nr, c0, nc);
     if (w->fmt == KT_W_BF16) {
         b->ld = (size_t)w->cols;
         b->w = (const bf16_t *)w->data + ((size_t)e * w->rows + (size_t)(w->row0 + r0)) * w->cols + w->col0 + c0;
@@ -133,14 +126,7 @@ void kt_bop_q8_prep_rows(const kt_slots *S, const kt_wmat *w, int e, int r0, int
                          void *scratch, kt_bop *b) {
     (void)S;
     (void)m;
-    memset(b, 0, sizeof *b);
-    b->kind = KT_BOP_Q8_ROWS;
-    b->trans = KT_NT;
-    b->N = nr;
-    b->K = nc;
-    b->e = e;
-    b->r0 = r0;
-    b->c0 = c0;
+    kt_bop_open(b, KT_BOP_Q8_ROWS, KT_NT, e, r0, nr, c0, nc);
     char *p = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     float *sc = (float *)p, *z = kt_format_has_zero(w->fmt) == 1 ? sc + nr : NULL;
     kt_q8_block_scales(w, e, r0, nr, c0, sc, z);

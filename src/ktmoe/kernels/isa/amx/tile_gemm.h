@@ -163,11 +163,7 @@ static void kt_tile_bop_prep(const kt_slots *S, const kt_wmat *w, int e, int r0,
         S->parent->bop_prep(S->parent, w, e, r0, nr, c0, nc, trans, m, scratch, b);
         return;
     }
-    memset(b, 0, sizeof *b);
-    b->kind = KT_BOP_PANEL;
-    b->trans = trans;
-    b->N = trans == KT_NT ? nr : nc;
-    b->K = trans == KT_NT ? nc : nr;
+    kt_bop_open(b, KT_BOP_PANEL, trans, e, r0, nr, c0, nc);
     char *p = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     const bf16_t *src;
     size_t lds;

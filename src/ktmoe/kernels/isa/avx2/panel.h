@@ -159,19 +159,14 @@ static void kt2_bop_prep(const kt_slots *S, const kt_wmat *w, int e, int r0, int
         kt_bop_prep_rows(S, w, e, r0, nr, c0, nc, trans, m, scratch, b);
         return;
     }
-    memset(b, 0, sizeof *b);
-    b->trans = trans;
-    int N = b->N = trans == KT_NT ? nr : nc, K = b->K = trans == KT_NT ? nc : nr;
-    b->e = e;
-    b->r0 = r0;
-    b->c0 = c0;
     if (kt2_fused_nt(S, w, trans, m)) {
-        b->kind = KT_BOP_FUSED;
+        kt_bop_open(b, KT_BOP_FUSED, trans, e, r0, nr, c0, nc);
         b->src = w;
         b->work = scratch;
         return;
     }
-    b->kind = KT_BOP_PANEL;
+    kt_bop_open(b, KT_BOP_PANEL, trans, e, r0, nr, c0, nc);
+    const int N = b->N, K = b->K;
     char *p = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     float *panel = (float *)p;
     b->panel = panel;
