@@ -71,6 +71,14 @@ static inline void kt_bop_open(kt_bop *b, int kind, int trans, int e, int r0, in
     b->c0 = c0;
 }
 
+/* The same for a block left to the fused kernel: it decodes from w itself, with `scratch` as its work space. */
+static inline void kt_bop_open_fused(kt_bop *b, const kt_wmat *w, int trans, int e, int r0, int nr, int c0, int nc,
+                                     void *scratch) {
+    kt_bop_open(b, KT_BOP_FUSED, trans, e, r0, nr, c0, nc);
+    b->src = w;
+    b->work = scratch;
+}
+
 /* Blocking and crossovers: data, per level. 0 inherits. */
 typedef struct {
     int mc;                        /* rows of A per GEMM call (<= KT_MAX_MC) */

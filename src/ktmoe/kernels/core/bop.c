@@ -49,9 +49,7 @@ size_t kt_bop_bytes_rows(const kt_slots *S, const kt_wmat *w, int trans, int nr,
 void kt_bop_prep_rows(const kt_slots *S, const kt_wmat *w, int e, int r0, int nr, int c0, int nc, int trans, int m,
                       void *scratch, kt_bop *b) {
     if (takes_fused(S, w, trans, m)) {
-        kt_bop_open(b, KT_BOP_FUSED, trans, e, r0, nr, c0, nc);
-        b->src = w;
-        b->work = scratch;
+        kt_bop_open_fused(b, w, trans, e, r0, nr, c0, nc, scratch);
         return;
     }
     kt_bop_open(b, KT_BOP_ROWS, trans, e, r0, nr, c0, nc);

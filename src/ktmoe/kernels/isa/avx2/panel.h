@@ -160,9 +160,7 @@ static void kt2_bop_prep(const kt_slots *S, const kt_wmat *w, int e, int r0, int
         return;
     }
     if (kt2_fused_nt(S, w, trans, m)) {
-        kt_bop_open(b, KT_BOP_FUSED, trans, e, r0, nr, c0, nc);
-        b->src = w;
-        b->work = scratch;
+        kt_bop_open_fused(b, w, trans, e, r0, nr, c0, nc, scratch);
         return;
     }
     kt_bop_open(b, KT_BOP_PANEL, trans, e, r0, nr, c0, nc);
