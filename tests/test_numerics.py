@@ -36,6 +36,9 @@ CASES = [
     dict(id="no_lora_odd_skips", T=7, E=3, k=2, H=33, I=17, r=0, skip_frac=0.25, all_skipped=(3,)),
     dict(id="dup_expert_in_token", T=8, E=4, k=3, H=64, I=32, r=4, dup=True),
     dict(id="H256_I256", T=64, E=8, k=2, H=256, I=256, r=16),
+    # few rows per expert with H and I wider than one column block: those experts take one backward NN task
+    # over whole weight rows (blk.nn_rows_max_m), expert 0 (in every token) the column blocks
+    dict(id="few_rows_whole_H600_I300", T=12, E=16, k=3, H=600, I=300, r=8, always=0),
     # the single moderately sized case (several 128-wide K-groups, > 128 rows for some experts)
     dict(id="moderate_H768_I384", T=300, E=8, k=2, H=768, I=384, r=16),
 ]

@@ -89,6 +89,10 @@ typedef struct {
     int pack_min_m;                /* levels with a packed weight layout (tiles, panels): blocks used by fewer
                                       rows take the in-place kernels (tile levels: the parent's) */
     int xpack_min_m;               /* levels with xpack: experts with at least this many rows take it */
+    int nn_rows_max_m;             /* bf16 weights: experts with at most this many rows (and fewer than pack_min_m)
+                                      run each backward NN stage (bwd_down_act, bwd_dx) as one task over whole
+                                      weight rows, not in column blocks: a block's rows lie a matrix row apart,
+                                      which the hardware prefetchers do not follow (-1: never) */
 } kt_blocking;
 
 #define KT_MAX_MC 256

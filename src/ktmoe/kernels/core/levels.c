@@ -62,6 +62,7 @@ static void inherit(kt_slots *out, const kt_level *row, const kt_slots *p) {
     INHERIT(blk.nbh);
     INHERIT(blk.pack_min_m);
     INHERIT(blk.xpack_min_m);
+    INHERIT(blk.nn_rows_max_m);
 }
 
 /* The best usable level without tiles (the tile levels come last in enum kt_isa). */

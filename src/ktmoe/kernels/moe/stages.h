@@ -41,6 +41,8 @@ typedef struct {
     int mc, nb, nbb, nbh;     /* the level's blocking */
     int *active;              /* experts with at least one pair, largest first */
     int nactive;
+    int nnarrow;              /* the first nnarrow active experts take column blocks in the backward NN stages;
+                               * the rest (few rows, bf16: blk.nn_rows_max_m) one task over whole rows each */
     int nblk_i[KT_MAX_PARTS]; /* column blocks (nb) of each part's intermediate slice */
     int nblk_b[KT_MAX_PARTS]; /* the same in nbb blocks (backward down stage) */
     int nblk_h;               /* column blocks (nbh) of H */
@@ -431,6 +433,29 @@ static hblock hblock_of(const stage_args *a, int part, int task) {
     return b;
 }
 
+/* The backward NN stages' tasks: each of the first nnarrow active experts in nblk column blocks of width w,
+ * then one task per remaining expert over all `cols` columns (block index 0). */
+typedef struct { int e, blk, n0, nb; } nnblock;
+
+static int nn_tasks(const stage_args *a, int nblk) { return a->nnarrow * nblk + a->nactive - a->nnarrow; }
+
+static nnblock nnblock_of(const stage_args *a, int task, int nblk, int w, int cols) {
+    nnblock b;
+    int narrow = a->nnarrow * nblk;
+    if (task < narrow) {
+        b.e = a->active[task / nblk];
+        b.blk = task % nblk;
+        b.n0 = b.blk * w;
+        b.nb = cols - b.n0 < w ? cols - b.n0 : w;
+    } else {
+        b.e = a->active[a->nnarrow + task - narrow];
+        b.blk = 0;
+        b.n0 = 0;
+        b.nb = cols;
+    }
+    return b;
+}
+
 /* Down GEMM with LoRA, scaled by the routing weight, into the part's per-pair buffer [npairs, H].
  * Task = (active expert, column block of H); the combine stage then sums each token's pairs. */
 static void fwd_down_task(void *arg, int part, int task, int tid) {
@@ -569,6 +594,9 @@ static int setup(stage_args *a, const kt_slots *S, kt_ctx *ctx, const kt_layer *
         a->nblk_b[p] = (ctx->part_i0[p + 1] - ctx->part_i0[p] + a->nbb - 1) / a->nbb;
     }
     a->nblk_h = (ctx->H + a->nbh - 1) / a->nbh;
+    int whole = L->gate[0].fmt == KT_W_BF16 ? imin(S->blk.nn_rows_max_m, S->blk.pack_min_m - 1) : -1;
+    a->nnarrow = a->nactive;
+    while (a->nnarrow > 0 && expert_rows(ctx, a->active[a->nnarrow - 1]) <= whole) a->nnarrow--;
     return KT_OK;
 }
 
@@ -676,30 +704,32 @@ static void bwd_lora_dy_task(void *arg, int part, int task, int tid) {
 }
 
 /* Down backward + activation backward, and the LoRA grads this (expert, column block) owns:
- * dA_d[:, block], dB_g[block, :], dB_u[block, :]. Task = (active expert, column block of the part). */
+ * dA_d[:, block], dB_g[block, :], dB_u[block, :]. Task = (active expert, column block of the part; the whole
+ * slice for few-row experts: nnblock_of). */
 static void bwd_down_act_task(void *arg, int part, int task, int tid) {
     stage_args *a = arg;
     const kt_slots *S = a->S;
     const kt_ctx *ctx = a->ctx;
     const kt_layer *L = a->L;
-    int nblk = a->nblk_b[part], blk = task % nblk, NBB = a->nbb, MC = a->mc;
-    int e = a->active[task / nblk], me = expert_rows(ctx, e);
+    int nblk = a->nblk_b[part], MC = a->mc;
     int i0 = ctx->part_i0[part], Ip = ctx->part_i0[part + 1] - i0;
-    int n0 = blk * NBB, nb = Ip - n0 < NBB ? Ip - n0 : NBB;
+    nnblock b = nnblock_of(a, task, nblk, a->nbb, Ip);
+    int e = b.e, blk = b.blk, n0 = b.n0, nb = b.nb, me = expert_rows(ctx, e);
+    int NBB = nb > a->nbb ? nb : a->nbb, MR = imin(MC, me); /* row stride and rows of the work arrays */
     int H = L->H, r = L->r, I = L->I;
     float s = a->s;
     size_t wb = S->bop_bytes(S, &L->down[part], KT_NN, H, nb, me);
-    size_t lora = (size_t)r * (4 * (size_t)MC + 2 * (size_t)NBB);
-    size_t fbytes = st_round64(sizeof(float) * (4 * (size_t)MC * NBB + lora));
+    size_t lora = (size_t)r * (4 * (size_t)MR + 2 * (size_t)NBB);
+    size_t fbytes = st_round64(sizeof(float) * (4 * (size_t)MR * NBB + lora));
     char *base = kt_scratch(a->eng, tid, fbytes + wb);
     if (!base) {
         fail(a, 2, 0);
         return;
     }
     float *c = (float *)base;
-    float *hf = c + (size_t)MC * NBB, *dgf = hf + (size_t)MC * NBB, *duf = dgf + (size_t)MC * NBB;
-    float *cd = duf + (size_t)MC * NBB, *cg = cd + (size_t)MC * r, *cu = cg + (size_t)MC * r;
-    float *bgT = cu + (size_t)MC * r, *buT = bgT + (size_t)r * NBB; /* dB_g^T, dB_u^T of this block */
+    float *hf = c + (size_t)MR * NBB, *dgf = hf + (size_t)MR * NBB, *duf = dgf + (size_t)MR * NBB;
+    float *cd = duf + (size_t)MR * NBB, *cg = cd + (size_t)MR * r, *cu = cg + (size_t)MR * r;
+    float *bgT = cu + (size_t)MR * r, *buT = bgT + (size_t)r * NBB; /* dB_g^T, dB_u^T of this block */
     float *cT = buT + (size_t)r * NBB;                                /* [r, m] coefficients */
     kt_bop bw;
     S->bop_prep(S, &L->down[part], e, 0, H, n0, nb, KT_NN, me, base + fbytes, &bw);
@@ -727,6 +757,8 @@ static void bwd_down_act_task(void *arg, int part, int task, int tid) {
             a->dwp[part][(size_t)blk * ctx->npairs + p] =
                 S->act_bwd(nb, ctx->g[part] + at, ctx->u[part] + at, c + row, ctx->pair_w[p], hf + row, dgf + row,
                            duf + row, a->dg[part] + at, a->du[part] + at);
+            if (nb == Ip) /* one task for the whole slice: the partials of the other blocks are zero */
+                for (int q = 1; q < nblk; q++) a->dwp[part][(size_t)q * ctx->npairs + p] = 0.f;
         }
         if (r == 0) continue;
         for (int i = 0; i < m; i++) {
@@ -837,16 +869,19 @@ static void bwd_lora_sum_task(void *arg, int part, int task, int tid) {
 }
 
 /* dx rows per pair = dg Wg + du Wu + s (bg Ag + bu Au), into the part's per-pair buffer; the combine
- * stage sums each token's pairs. Task = (active expert, column block of H). */
+ * stage sums each token's pairs. Task = (active expert, column block of H; all of H for few-row experts). */
 static void bwd_dx_task(void *arg, int part, int task, int tid) {
     stage_args *a = arg;
     const kt_slots *S = a->S;
     const kt_ctx *ctx = a->ctx;
     const kt_layer *L = a->L;
-    int H = L->H, r = L->r, MC = a->mc, NBH = a->nbh;
-    hblock b = hblock_of(a, part, task);
-    int e = b.e, n0 = b.n0, nb = b.nb, Ip = b.Ip, me = expert_rows(ctx, e);
-    size_t fbytes = st_round64(sizeof(float) * ((size_t)MC * NBH + 2 * (size_t)r * MC));
+    int H = L->H, r = L->r, MC = a->mc;
+    int Ip = ctx->part_i0[part + 1] - ctx->part_i0[part];
+    nnblock b = nnblock_of(a, task, a->nblk_h, a->nbh, H);
+    int e = b.e, n0 = b.n0, nb = b.nb, me = expert_rows(ctx, e);
+    int NBH = nb > a->nbh ? nb : a->nbh, MR = imin(MC, me); /* row stride and rows of c2 */
+    float *pairs = a->pairbuf + (size_t)part * ctx->npairs * H;
+    size_t fbytes = st_round64(sizeof(float) * ((size_t)MR * NBH + 2 * (size_t)r * MR));
     size_t wg = st_round64(S->bop_bytes(S, &L->gate[part], KT_NN, Ip, nb, me));
     size_t wu = st_round64(S->bop_bytes(S, &L->up[part], KT_NN, Ip, nb, me));
     char *base = kt_scratch(a->eng, tid, fbytes + wg + wu);
@@ -861,7 +896,7 @@ static void bwd_dx_task(void *arg, int part, int task, int tid) {
     const bf16_t *rows[KT_MAX_MC];
     for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
         int m = (int)zmin((size_t)MC, (size_t)(ctx->expert_off[e + 1] - p0));
-        float *c1 = b.pairs + (size_t)p0 * H + n0;
+        float *c1 = pairs + (size_t)p0 * H + n0;
         rows_by_pair(rows, a->dg[part], (size_t)Ip, p0, m);
         S->bop_gemm(S, m, rows, &bg, c1, (size_t)H);
         rows_by_pair(rows, a->du[part], (size_t)Ip, p0, m);
@@ -873,7 +908,7 @@ static void bwd_dx_task(void *arg, int part, int task, int tid) {
             for (int n = 0; n < nb; n++) ci[n] += c2i[n];
         }
         if (r > 0) { /* + s (dg Bg) Ag + s (du Bu) Au, as products over the rank */
-            float *cgT = c2 + (size_t)MC * NBH, *cuT = cgT + (size_t)r * MC;
+            float *cgT = c2 + (size_t)MR * NBH, *cuT = cgT + (size_t)r * MR;
             for (int i = 0; i < m; i++)
                 for (int j = 0; j < r; j++) {
                     cgT[(size_t)j * m + i] = a->s * a->bg[part][(size_t)(p0 + i) * r + j];
@@ -917,14 +952,14 @@ static int kt_stages_backward(const kt_slots *S, kt_ctx *ctx, const kt_layer *L,
 
     int nt[KT_MAX_PARTS];
     if (r > 0) run_all_timed(&a, "bwd_lora_dy", a.nactive, bwd_lora_dy_task, &a);
-    for (int p = 0; p < P; p++) nt[p] = a.nactive * a.nblk_b[p];
+    for (int p = 0; p < P; p++) nt[p] = nn_tasks(&a, a.nblk_b[p]);
     run_parts_timed(&a, "bwd_down_act", nt, bwd_down_act_task, &a);
     if (r > 0) {
         for (int p = 0; p < P; p++) nt[p] = a.nactive;
         run_parts_timed(&a, "bwd_lora_mid", nt, bwd_lora_mid_task, &a);
         run_all_timed(&a, "bwd_lora_sum", ctx->E, bwd_lora_sum_task, &a);
     }
-    for (int p = 0; p < P; p++) nt[p] = a.nactive * a.nblk_h;
+    for (int p = 0; p < P; p++) nt[p] = nn_tasks(&a, a.nblk_h);
     run_parts_timed(&a, "bwd_dx", nt, bwd_dx_task, &a);
     combine_pairs(&a, dx, dx_is_f32);
     if ((rc = finish(&a, "grad_output", err))) return rc;

@@ -20,6 +20,7 @@
 #define KT2_AI static inline __attribute__((always_inline))
 #define KT2_NN_MR 6
 #define KT2_NN_KC 256
+#define KT2_NT_PFB 2 /* gemm_nt prefetches the weight rows this many 4-row blocks ahead */
 
 KT2_AI __m256 kt2_even(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
 KT2_AI __m256 kt2_odd(__m256i v) {
@@ -39,13 +40,15 @@ KT2_AI float kt2_hsum(__m256 v) {
 }
 
 KT2_AI void kt2_nt_block(const int MR, const int NR, int K, const bf16_t *const *ap, const bf16_t *bp, size_t ldb,
-                         float *c, size_t ldc) {
+                         float *c, size_t ldc, int pf) {
     __m256 acc[3][4];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_ps();
     int k = 0;
     for (; k + 16 <= K; k += 16) {
         __m256 a[3];
+        if (pf && (k & 31) == 0) /* the rows KT2_NT_PFB blocks on: short rows end before the prefetchers catch up */
+            for (int j = 0; j < NR; j++) _mm_prefetch((const char *)(bp + (size_t)(j + KT2_NT_PFB * NR) * ldb + k), _MM_HINT_T0);
         for (int i = 0; i < MR; i++) a[i] = kt2_even(_mm256_loadu_si256((const __m256i *)(ap[i] + k)));
         for (int j = 0; j < NR; j++) {
             __m256 b = kt2_even(_mm256_loadu_si256((const __m256i *)(bp + (size_t)j * ldb + k)));
@@ -66,7 +69,7 @@ KT2_AI void kt2_nt_block(const int MR, const int NR, int K, const bf16_t *const 
         }
 }
 
-#define KT2_NT_CASE(MR_, NR_) kt2_nt_block(MR_, NR_, K, ap, bn, ldb, cm, ldc)
+#define KT2_NT_CASE(MR_, NR_) kt2_nt_block(MR_, NR_, K, ap, bn, ldb, cm, ldc, pf)
 
 static void kt_avx2_gemm_nt_bf16(int M, int N, int K, const bf16_t *const *a, const bf16_t *b, size_t ldb,
                                  float *c, size_t ldc) {
@@ -79,6 +82,7 @@ static void kt_avx2_gemm_nt_bf16(int M, int N, int K, const bf16_t *const *a, co
             const int mr = (M - m + (nblk - blk) - 1) / (nblk - blk); /* balanced: 4 -> 2 + 2 */
             for (int i = 0; i < mr; i++) ap[i] = a[m + i];
             float *cm = c + (size_t)m * ldc + n;
+            const int pf = blk == 0 && n + 4 * (KT2_NT_PFB + 1) <= N;
             switch ((mr - 1) * 4 + nr - 1) {
             case 0: KT2_NT_CASE(1, 1); break;
             case 1: KT2_NT_CASE(1, 2); break;
@@ -121,6 +125,58 @@ KT2_AI void kt2_nn_block(const int MR, int kc, const float (*af)[KT2_NN_KC], con
     for (int i = 0; i < MR; i++) {
         _mm256_storeu_ps(c + (size_t)i * ldc, acc[i][0]);
         _mm256_storeu_ps(c + (size_t)i * ldc + 8, acc[i][1]);
+    }
+}
+
+/* KR rows of B (from row k) applied to MR rows of C: each 8 columns of the KR rows are widened once and used
+ * for every row of C (accumulators in memory: one load and store per KR FMAs). */
+KT2_AI void kt2_nn_pass_rows(const int MR, const int KR, int N, int k, const bf16_t *const *a, const bf16_t *bk,
+                             size_t ldb, float *c, size_t ldc) {
+    __m256 x[KT2_NN_MR][4];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < KR; j++) x[i][j] = _mm256_set1_ps(kt_bf(a[i][k + j]));
+    int n = 0;
+    for (; n + 8 <= N; n += 8) {
+        __m256 w[4];
+        for (int j = 0; j < KR; j++) w[j] = kt2_widen8(bk + (size_t)j * ldb + n);
+        for (int i = 0; i < MR; i++) {
+            float *ci = c + (size_t)i * ldc + n;
+            __m256 acc = _mm256_loadu_ps(ci);
+            for (int j = 0; j < KR; j++) acc = _mm256_fmadd_ps(x[i][j], w[j], acc);
+            _mm256_storeu_ps(ci, acc);
+        }
+    }
+    for (; n < N; n++) /* column tail */
+        for (int i = 0; i < MR; i++)
+            for (int j = 0; j < KR; j++) c[(size_t)i * ldc + n] += kt_bf(a[i][k + j]) * kt_bf(bk[(size_t)j * ldb + n]);
+}
+
+#define KT2_NN_PF 8 /* rows of B prefetched ahead when they are strided (a column block of a wider matrix) */
+
+/* MR rows of C in one pass over B. Few-row experts read whole weight rows in the backward (blk.nn_rows_max_m):
+ * B is then a contiguous matrix too large for L2, so a pass per row of C would read it from memory again. */
+KT2_AI void kt2_nn_pass(const int MR, int N, int K, const bf16_t *const *a, const bf16_t *b, size_t ldb, float *c,
+                        size_t ldc) {
+    for (int i = 0; i < MR; i++) memset(c + (size_t)i * ldc, 0, sizeof(float) * (size_t)N);
+    int k = 0;
+    for (; k + 4 <= K; k += 4) {
+        const bf16_t *bk = b + (size_t)k * ldb;
+        if (ldb > (size_t)N && k + 4 + KT2_NN_PF <= K)
+            for (int j = 0; j < 4; j++)
+                for (int n = 0; n < N; n += 32) _mm_prefetch((const char *)(bk + (size_t)(KT2_NN_PF + j) * ldb + n), _MM_HINT_T0);
+        kt2_nn_pass_rows(MR, 4, N, k, a, bk, ldb, c, ldc);
+    }
+    for (; k < K; k++) kt2_nn_pass_rows(MR, 1, N, k, a, b + (size_t)k * ldb, ldb, c, ldc);
+}
+
+static void kt_avx2_gemm_nn_few(int M, int N, int K, const bf16_t *const *a, const bf16_t *b, size_t ldb, float *c,
+                                size_t ldc) {
+    switch (M) {
+    case 2: kt2_nn_pass(2, N, K, a, b, ldb, c, ldc); break;
+    case 3: kt2_nn_pass(3, N, K, a, b, ldb, c, ldc); break;
+    case 4: kt2_nn_pass(4, N, K, a, b, ldb, c, ldc); break;
+    case 5: kt2_nn_pass(5, N, K, a, b, ldb, c, ldc); break;
+    default: kt2_nn_pass(6, N, K, a, b, ldb, c, ldc); break;
     }
 }
 

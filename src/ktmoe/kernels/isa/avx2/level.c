@@ -19,14 +19,16 @@ static void gemm_nt_avx2(int M, int N, int K, const bf16_t *const *a, const void
         kt_avx2_gemm_nt_bf16(M, N, K, a, (const bf16_t *)b, ldb, c, ldc);
 }
 
-/* Up to one row block (small batches: bandwidth-bound), the generic axpy streams B row by row in whole cache
- * lines; the register-blocked kernel reads 32 bytes of each strided B row per column block. Measured on
- * Zen 3 (2 threads): the blocked kernel for every M made the T=16 backward 10-25% slower; from 7 rows on it
- * makes T=512..1024 1.4-1.55x faster. */
+/* Up to one row block (small batches: bandwidth-bound), B is streamed row by row in whole cache lines: one
+ * row of C by the generic axpy, 2..6 rows in one pass (gemm.h); the register-blocked kernel reads 32 bytes
+ * of each strided B row per column block. Measured on Zen 3 (2 threads): the blocked kernel for every M made
+ * the T=16 backward 10-25% slower; from 7 rows on it makes T=512..1024 1.4-1.55x faster. */
 static void gemm_nn_avx2(int M, int N, int K, const bf16_t *const *a, const bf16_t *b, size_t ldb, float *c,
                          size_t ldc) {
-    if (M <= KT2_NN_MR)
+    if (M <= 1)
         gemm_nn(M, N, K, a, b, ldb, c, ldc);
+    else if (M <= KT2_NN_MR)
+        kt_avx2_gemm_nn_few(M, N, K, a, b, ldb, c, ldc);
     else
         kt_avx2_gemm_nn(M, N, K, a, b, ldb, c, ldc);
 }
@@ -37,9 +39,11 @@ const kt_level kt_level_avx2 = {
     .parent = KT_ISA_PORTABLE,
     .autoselect = 1,
     .usable = kt_cpu_usable_avx2,
-    /* panels from 8 rows, fused quantized products below: measured on Zen 3 (2 threads), see panel.h, qdot.h */
-    .blk = {.pack_min_m = 8, .fused_max_m = {[KT_W_BF16] = -1, [KT_W_INT8] = 7, [KT_W_INT4] = 7, [KT_W_INT4_1] = 7,
-                                             [KT_W_FP8] = -1}},
+    /* panels from 8 rows, fused quantized products below: measured on Zen 3 (2 threads), see panel.h, qdot.h;
+     * experts with up to KT2_NN_MR rows take the backward NN stages over whole weight rows, read once by
+     * gemm_nn_avx2 (Zen 3, T=16, 2 threads: backward 89 -> 56 ms) */
+    .blk = {.pack_min_m = 8, .nn_rows_max_m = KT2_NN_MR,
+            .fused_max_m = {[KT_W_BF16] = -1, [KT_W_INT8] = 7, [KT_W_INT4] = 7, [KT_W_INT4_1] = 7, [KT_W_FP8] = -1}},
     .slots = {KT_GENERIC_SLOT_FIELDS, .gemm_nt = gemm_nt_avx2, .gemm_nn = gemm_nn_avx2, .bop_bytes = kt2_bop_bytes,
               .bop_prep = kt2_bop_prep, .bop_gemm = kt2_bop_gemm, .qdot_small = kt2_qdot_small, .outer_f32 = kt2_outer_f32,
               .outer_bf16 = kt2_outer_bf16},

@@ -7,6 +7,7 @@ const kt_level kt_level_portable = {
     .id = KT_ISA_PORTABLE,
     .parent = -1,
     .autoselect = 1,
-    .blk = {.mc = 128, .nb = 64, .nbb = 128, .nbh = 256, .fused_max_m = {-1, -1, -1, -1, -1}, .pack_min_m = 1},
+    .blk = {.mc = 128, .nb = 64, .nbb = 128, .nbh = 256, .fused_max_m = {-1, -1, -1, -1, -1}, .pack_min_m = 1,
+            .nn_rows_max_m = -1},
     .slots = {KT_GENERIC_SLOT_FIELDS},
 };
