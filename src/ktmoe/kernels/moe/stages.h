@@ -594,7 +594,9 @@ static int setup(stage_args *a, const kt_slots *S, kt_ctx *ctx, const kt_layer *
         a->nblk_b[p] = (ctx->part_i0[p + 1] - ctx->part_i0[p] + a->nbb - 1) / a->nbb;
     }
     a->nblk_h = (ctx->H + a->nbh - 1) / a->nbh;
-    int whole = L->gate[0].fmt == KT_W_BF16 ? imin(S->blk.nn_rows_max_m, S->blk.pack_min_m - 1) : -1;
+    /* whole rows only where the backward reads the weights in place: bf16, or the fused small-M product */
+    int fmt = L->gate[0].fmt, whole = imin(S->blk.nn_rows_max_m, S->blk.pack_min_m - 1);
+    if (fmt != KT_W_BF16) whole = S->qdot_small ? imin(whole, S->blk.fused_max_m[fmt]) : -1;
     a->nnarrow = a->nactive;
     while (a->nnarrow > 0 && expert_rows(ctx, a->active[a->nnarrow - 1]) <= whole) a->nnarrow--;
     return KT_OK;

@@ -8,12 +8,18 @@
  *
  * Why: below blk.pack_min_m rows (small batches, bandwidth-bound), the default path decodes a whole block to
  * bf16 in scratch and reads it back; measured on Zen 3 that made INT8 and INT4 ~2x *slower* than BF16 at
- * T = 16 although they read 1/2 and 1/4 of the bytes. Here a few rows of weights are decoded into an
- * L1-resident fp32 tile and consumed at once:
- *   NT (forward, C = A W^T): 4 weight rows x a chunk of k per tile, dot products of up to 3 activation rows
- *     (12 accumulators), summed horizontally at the end of the row;
- *   NN (backward, the qdot_small slot, C = A W): up to 8 weight rows x a strip of columns per tile, axpy
- *     blocks of 3 activation rows x 32 columns. */
+ * T = 16 although they read 1/2 and 1/4 of the bytes. Up to 3 activation rows, the codes are decoded in
+ * registers next to their FMAs; from 4 rows on, a few rows of weights are decoded into an L1-resident fp32
+ * tile once and consumed by every row:
+ *   NT (forward, C = A W^T): registers: 4 weight rows x 8 (INT8) or 16 (INT4) values of k per step; tile: 4
+ *     weight rows x a chunk of k; dot products of up to 3 activation rows (12 accumulators), summed
+ *     horizontally at the end of the row;
+ *   NN (backward, the qdot_small slot, C = A W): registers: 4 weight rows x 8 columns per step, applied to
+ *     every row of C; tile: up to 8 weight rows x a strip of columns, axpy blocks of 3 activation rows x 32
+ *     columns.
+ * Without a bf16 or int8 dot instruction every weight costs a decode (INT8: a convert, a multiply and a
+ * rounding; INT4: two table lookups and a blend per 16 values) before its FMA, so at AVX2 the quantized
+ * formats run at about BF16's speed at small T, not at their bytes' (Zen 3, T = 16: INT8 / INT4 ~1.0x). */
 #ifndef KTMOE_AVX2_QDOT_H
 #define KTMOE_AVX2_QDOT_H
 
@@ -408,11 +414,109 @@ static void kt2_qnn_rows(int mr, int nv, int tr, const float *af, size_t lda, co
     }
 }
 
+/* ---- NN in registers (up to 3 activation rows): per 4 weight rows and 8 columns, the codes are decoded once
+ * and applied to every row of C (accumulators in memory, 4 FMAs per load / store); weight rows are read whole
+ * (the backward's few-row experts take whole-row tasks: blk.nn_rows_max_m). ---- */
+
+#define KT2_QNN_KR 4
+
+KT2_AI void kt2_qnn_reg_rows(const int MR, const int KR, int nc, const float *af, size_t lda, int k,
+                             const kt_wmat *w, int e, int row, int c0, float *c, size_t ldc) {
+    __m256 x[KT2_QNT_REG_M][KT2_QNN_KR];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < KR; j++) x[i][j] = _mm256_set1_ps(af[(size_t)i * lda + k + j]);
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), m15 = _mm256_set1_epi32(15);
+    for (int j0 = 0; j0 < nc;) {
+        const int len = kt2_run_len(w, c0, j0, nc), col = w->col0 + c0 + j0;
+        size_t si[KT2_QNN_KR], at[KT2_QNN_KR];
+        for (int j = 0; j < KR; j++) {
+            si[j] = kt_scale_index(w, e, w->row0 + row + j, col);
+            at[j] = kt_code_index(w, e, w->row0 + row + j, col);
+        }
+        int n = 0;
+        if (w->fmt == KT_W_INT8) {
+            const int8_t *q = (const int8_t *)w->data;
+            __m256 vs[KT2_QNN_KR];
+            for (int j = 0; j < KR; j++) vs[j] = _mm256_set1_ps(w->scale[si[j]]);
+            for (; n + 8 <= len; n += 8) {
+                __m256 b[KT2_QNN_KR];
+                for (int j = 0; j < KR; j++) b[j] = kt2_q8_dec8(q + at[j] + n, vs[j]);
+                for (int i = 0; i < MR; i++) {
+                    float *ci = c + (size_t)i * ldc + j0 + n;
+                    __m256 acc = _mm256_loadu_ps(ci);
+                    for (int j = 0; j < KR; j++) acc = _mm256_fmadd_ps(x[i][j], b[j], acc);
+                    _mm256_storeu_ps(ci, acc);
+                }
+            }
+            for (; n < len; n++)
+                for (int j = 0; j < KR; j++) {
+                    float b = kt2_q8_dec1(w->scale[si[j]], q[at[j] + n]);
+                    for (int i = 0; i < MR; i++) c[(size_t)i * ldc + j0 + n] += af[(size_t)i * lda + k + j] * b;
+                }
+        } else {
+            const uint8_t *q = (const uint8_t *)w->data;
+            __m256 lo[KT2_QNN_KR], hi[KT2_QNN_KR];
+            for (int j = 0; j < KR; j++) kt2_q4_table(w, si[j], &lo[j], &hi[j]);
+            for (; n + 8 <= len; n += 8) {
+                __m256 b[KT2_QNN_KR];
+                for (int j = 0; j < KR; j++) {
+                    __m256i idx = _mm256_and_si256(
+                        _mm256_srlv_epi32(_mm256_set1_epi32((int)kt2_nibbles8(q, at[j] + n)), shifts), m15);
+                    b[j] = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo[j], idx), _mm256_permutevar8x32_ps(hi[j], idx),
+                                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+                }
+                for (int i = 0; i < MR; i++) {
+                    float *ci = c + (size_t)i * ldc + j0 + n;
+                    __m256 acc = _mm256_loadu_ps(ci);
+                    for (int j = 0; j < KR; j++) acc = _mm256_fmadd_ps(x[i][j], b[j], acc);
+                    _mm256_storeu_ps(ci, acc);
+                }
+            }
+            for (; n < len; n++)
+                for (int j = 0; j < KR; j++) {
+                    float b = kt2_q4_dec1(q, at[j] + n, w->scale[si[j]], kt2_q4_off(w, si[j]));
+                    for (int i = 0; i < MR; i++) c[(size_t)i * ldc + j0 + n] += af[(size_t)i * lda + k + j] * b;
+                }
+        }
+        j0 += len;
+    }
+}
+
+#define KT2_QNN_REG_CASE(MR_, KR_) kt2_qnn_reg_rows(MR_, KR_, nc, af, lda, k, w, e, r0 + k, c0, c, ldc)
+
+static void kt2_qnn_reg(int m, int nc, int K, const float *af, size_t lda, const kt_wmat *w, int e, int r0, int c0,
+                        float *c, size_t ldc) {
+    for (int k = 0; k < K;) {
+        const int kr = imin(KT2_QNN_KR, K - k);
+        for (int j = 0; j < kr; j++)
+            if (k + j + KT2_QPFD < K) kt2_prefetch_row(w, e, r0 + k + j + KT2_QPFD, c0, nc);
+        switch ((m - 1) * 4 + kr - 1) {
+        case 0: KT2_QNN_REG_CASE(1, 1); break;
+        case 1: KT2_QNN_REG_CASE(1, 2); break;
+        case 2: KT2_QNN_REG_CASE(1, 3); break;
+        case 3: KT2_QNN_REG_CASE(1, 4); break;
+        case 4: KT2_QNN_REG_CASE(2, 1); break;
+        case 5: KT2_QNN_REG_CASE(2, 2); break;
+        case 6: KT2_QNN_REG_CASE(2, 3); break;
+        case 7: KT2_QNN_REG_CASE(2, 4); break;
+        case 8: KT2_QNN_REG_CASE(3, 1); break;
+        case 9: KT2_QNN_REG_CASE(3, 2); break;
+        case 10: KT2_QNN_REG_CASE(3, 3); break;
+        default: KT2_QNN_REG_CASE(3, 4); break;
+        }
+        k += kr;
+    }
+}
+
 static void kt2_qdot_small(int m, int nc, int K, const float *af, size_t lda, const kt_wmat *w, int e, int r0,
                            int c0, float *c, size_t ldc, int accumulate, float *lut) {
     if (!accumulate)
         for (int p = 0; p < m; p++) memset(c + (size_t)p * ldc, 0, sizeof(float) * (size_t)nc);
     if (m <= 0 || nc <= 0 || K <= 0) return;
+    if (m <= KT2_QNT_REG_M) {
+        kt2_qnn_reg(m, nc, K, af, lda, w, e, r0, c0, c, ldc);
+        return;
+    }
     /* the tile lives in the 16 K floats of `lut` (the slot's scratch) */
     const int cw = imin(imin(nc, KT2_QCW), 16 * K);
     const int tr = imin(imin(KT2_QTR, K), 16 * K / cw);
