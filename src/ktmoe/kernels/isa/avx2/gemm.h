@@ -8,7 +8,9 @@
  * accumulators + 3 A vectors + 1 B vector fit the 16 registers. Column blocks of 4 weight rows outer (they
  * stay in L1), row blocks inner.
  * gemm_nn (C = A B, an axpy per k): 6 rows x 16 columns = 12 accumulators; per k one B row of 16 bf16
- * widened in order, 6 broadcasts of A values pre-converted to fp32 per chunk of KC k (on the stack), 12 FMAs.
+ * widened in order, 6 broadcasts of A values pre-converted to fp32 per chunk of KC k (on the stack), 12 FMAs;
+ * 2..6 rows of C (the backward's few-row experts) in one pass over B instead: per 4 rows of B and 8 columns
+ * the widened values serve every row of C (kt2_nn_pass).
  * Never reads past a row's end (tails run through scalar code). */
 #ifndef KTMOE_AVX2_GEMM_H
 #define KTMOE_AVX2_GEMM_H

@@ -8,9 +8,9 @@
  *
  * Why: below blk.pack_min_m rows (small batches, bandwidth-bound), the default path decodes a whole block to
  * bf16 in scratch and reads it back; measured on Zen 3 that made INT8 and INT4 ~2x *slower* than BF16 at
- * T = 16 although they read 1/2 and 1/4 of the bytes. Up to 3 activation rows, the codes are decoded in
- * registers next to their FMAs; from 4 rows on, a few rows of weights are decoded into an L1-resident fp32
- * tile once and consumed by every row:
+ * T = 16 although they read 1/2 and 1/4 of the bytes. Up to KT2_QREG_MAX_M activation rows, the codes are
+ * decoded in registers next to their FMAs (again for each block of 3 rows, from L1); from there on (blk.fused_max_m)
+ * a few rows of weights are decoded into an L1-resident fp32 tile once and consumed by every row:
  *   NT (forward, C = A W^T): registers: 4 weight rows x 8 (INT8) or 16 (INT4) values of k per step; tile: 4
  *     weight rows x a chunk of k; dot products of up to 3 activation rows (12 accumulators), summed
  *     horizontally at the end of the row;
@@ -214,11 +214,13 @@ static void kt2_qdot_nt_tile(int M, int N, int K, const float *af, size_t lda, c
     }
 }
 
-/* ---- NT in registers (up to 3 activation rows): each 8 (INT8) or 16 (INT4) codes decoded next to their FMAs.
- * Measured on Zen 3 (one thread, Qwen3 gate/up rows, M = 1): 2x the tile path for INT8, 2.7x for INT4; from
- * 4 rows on the tile path, which decodes once for all rows, is kept. ---- */
+/* ---- NT in registers (blocks of up to 3 activation rows): each 8 (INT8) or 16 (INT4) codes decoded next to
+ * their FMAs. Measured on Zen 3 (one thread, Qwen3 gate/up rows, M = 1): 2x the tile path for INT8, 2.7x for
+ * INT4; Mixtral at T = 16 (4 rows per expert, 2 threads) still faster than the tile path, which decodes once
+ * for all rows. ---- */
 
-#define KT2_QNT_REG_M 3
+#define KT2_QNT_REG_M 3 /* activation rows per register block */
+#define KT2_QREG_MAX_M 6 /* up to this many rows the register paths, in blocks of up to 3 (decoding again per block) */
 #define KT2_QNT_PFB 4 /* weight rows prefetched this many 4-row blocks ahead (short rows: see gemm.h) */
 
 /* The scale block run [k0, k0 + len) of k that starts at k0 (every weight row of a block shares it). */
@@ -346,15 +348,19 @@ static int kt2_q4nt_fits(const kt_wmat *w, int c0, int K) {
 
 static void kt2_qdot_nt_reg(int M, int N, int K, const float *af, size_t lda, const kt_wmat *w, int e, int r0,
                             int c0, float *c, size_t ldc) {
-    const int mr = M;
+    const int nmb = (M + KT2_QNT_REG_M - 1) / KT2_QNT_REG_M;
     for (int n0 = 0; n0 < N; n0 += 4) {
-        const int nr = imin(4, N - n0), pf = n0 + 4 * (KT2_QNT_PFB + 1) <= N;
-        const float *am = af;
-        float *cm = c + n0;
-        if (w->fmt == KT_W_INT8) {
-            KT2_QNT_REG_SWITCH(kt2_q8nt_block)
-        } else {
-            KT2_QNT_REG_SWITCH(kt2_q4nt_block)
+        const int nr = imin(4, N - n0);
+        for (int m = 0, blk = 0; m < M; blk++) {
+            const int mr = (M - m + (nmb - blk) - 1) / (nmb - blk), pf = blk == 0 && n0 + 4 * (KT2_QNT_PFB + 1) <= N;
+            const float *am = af + (size_t)m * lda;
+            float *cm = c + (size_t)m * ldc + n0;
+            if (w->fmt == KT_W_INT8) {
+                KT2_QNT_REG_SWITCH(kt2_q8nt_block)
+            } else {
+                KT2_QNT_REG_SWITCH(kt2_q4nt_block)
+            }
+            m += mr;
         }
     }
 }
@@ -363,7 +369,7 @@ static void kt2_qdot_nt(int M, int N, int K, const bf16_t *const *a, const kt_wm
                         float *work, float *c, size_t ldc) {
     const size_t lda = (size_t)((K + 15) & ~7); /* each row zero-padded to a multiple of 8 */
     float *af = (float *)(((uintptr_t)work + 31) & ~(uintptr_t)31);
-    const int reg = M <= KT2_QNT_REG_M && (w->fmt == KT_W_INT8 || kt2_q4nt_fits(w, c0, K));
+    const int reg = M <= KT2_QREG_MAX_M && (w->fmt == KT_W_INT8 || kt2_q4nt_fits(w, c0, K));
     kt2_qnt_rows_f32(M, K, a, af, lda, reg && w->fmt != KT_W_INT8);
     if (reg)
         kt2_qdot_nt_reg(M, N, K, af, lda, w, e, r0, c0, c, ldc);
@@ -414,8 +420,8 @@ static void kt2_qnn_rows(int mr, int nv, int tr, const float *af, size_t lda, co
     }
 }
 
-/* ---- NN in registers (up to 3 activation rows): per 4 weight rows and 8 columns, the codes are decoded once
- * and applied to every row of C (accumulators in memory, 4 FMAs per load / store); weight rows are read whole
+/* ---- NN in registers (blocks of up to 3 activation rows): per 4 weight rows and 8 columns, the codes are
+ * decoded once per block and applied to its rows of C (accumulators in memory, 4 FMAs per load / store); weight rows are read whole
  * (the backward's few-row experts take whole-row tasks: blk.nn_rows_max_m). ---- */
 
 #define KT2_QNN_KR 4
@@ -482,7 +488,8 @@ KT2_AI void kt2_qnn_reg_rows(const int MR, const int KR, int nc, const float *af
     }
 }
 
-#define KT2_QNN_REG_CASE(MR_, KR_) kt2_qnn_reg_rows(MR_, KR_, nc, af, lda, k, w, e, r0 + k, c0, c, ldc)
+#define KT2_QNN_REG_CASE(MR_, KR_) kt2_qnn_reg_rows(MR_, KR_, nc, af + (size_t)p * lda, lda, k, w, e, r0 + k, c0, \
+                                                    c + (size_t)p * ldc, ldc)
 
 static void kt2_qnn_reg(int m, int nc, int K, const float *af, size_t lda, const kt_wmat *w, int e, int r0, int c0,
                         float *c, size_t ldc) {
@@ -490,19 +497,22 @@ static void kt2_qnn_reg(int m, int nc, int K, const float *af, size_t lda, const
         const int kr = imin(KT2_QNN_KR, K - k);
         for (int j = 0; j < kr; j++)
             if (k + j + KT2_QPFD < K) kt2_prefetch_row(w, e, r0 + k + j + KT2_QPFD, c0, nc);
-        switch ((m - 1) * 4 + kr - 1) {
-        case 0: KT2_QNN_REG_CASE(1, 1); break;
-        case 1: KT2_QNN_REG_CASE(1, 2); break;
-        case 2: KT2_QNN_REG_CASE(1, 3); break;
-        case 3: KT2_QNN_REG_CASE(1, 4); break;
-        case 4: KT2_QNN_REG_CASE(2, 1); break;
-        case 5: KT2_QNN_REG_CASE(2, 2); break;
-        case 6: KT2_QNN_REG_CASE(2, 3); break;
-        case 7: KT2_QNN_REG_CASE(2, 4); break;
-        case 8: KT2_QNN_REG_CASE(3, 1); break;
-        case 9: KT2_QNN_REG_CASE(3, 2); break;
-        case 10: KT2_QNN_REG_CASE(3, 3); break;
-        default: KT2_QNN_REG_CASE(3, 4); break;
+        for (int p = 0; p < m; p += KT2_QNT_REG_M) { /* (the kr rows of codes stay in L1 for the next block) */
+            const int mr = imin(KT2_QNT_REG_M, m - p);
+            switch ((mr - 1) * 4 + kr - 1) {
+            case 0: KT2_QNN_REG_CASE(1, 1); break;
+            case 1: KT2_QNN_REG_CASE(1, 2); break;
+            case 2: KT2_QNN_REG_CASE(1, 3); break;
+            case 3: KT2_QNN_REG_CASE(1, 4); break;
+            case 4: KT2_QNN_REG_CASE(2, 1); break;
+            case 5: KT2_QNN_REG_CASE(2, 2); break;
+            case 6: KT2_QNN_REG_CASE(2, 3); break;
+            case 7: KT2_QNN_REG_CASE(2, 4); break;
+            case 8: KT2_QNN_REG_CASE(3, 1); break;
+            case 9: KT2_QNN_REG_CASE(3, 2); break;
+            case 10: KT2_QNN_REG_CASE(3, 3); break;
+            default: KT2_QNN_REG_CASE(3, 4); break;
+            }
         }
         k += kr;
     }
@@ -513,7 +523,7 @@ static void kt2_qdot_small(int m, int nc, int K, const float *af, size_t lda, co
     if (!accumulate)
         for (int p = 0; p < m; p++) memset(c + (size_t)p * ldc, 0, sizeof(float) * (size_t)nc);
     if (m <= 0 || nc <= 0 || K <= 0) return;
-    if (m <= KT2_QNT_REG_M) {
+    if (m <= KT2_QREG_MAX_M) {
         kt2_qnn_reg(m, nc, K, af, lda, w, e, r0, c0, c, ldc);
         return;
     }
