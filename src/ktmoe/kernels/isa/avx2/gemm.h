@@ -130,8 +130,19 @@ KT2_AI void kt2_nn_block(const int MR, int kc, const float (*af)[KT2_NN_KC], con
     }
 }
 
+/* C[i][0..8) += sum_j x[i][j] b[j] for MR rows of C: KR values of B (one per row of B) used by every row of C
+ * (accumulators in memory: one load and store per KR FMAs). */
+KT2_AI void kt2_fma_rows(const int MR, const int KR, const __m256 (*x)[4], const __m256 *b, float *c, size_t ldc) {
+    for (int i = 0; i < MR; i++) {
+        float *ci = c + (size_t)i * ldc;
+        __m256 acc = _mm256_loadu_ps(ci);
+        for (int j = 0; j < KR; j++) acc = _mm256_fmadd_ps(x[i][j], b[j], acc);
+        _mm256_storeu_ps(ci, acc);
+    }
+}
+
 /* KR rows of B (from row k) applied to MR rows of C: each 8 columns of the KR rows are widened once and used
- * for every row of C (accumulators in memory: one load and store per KR FMAs). */
+ * for every row of C. */
 KT2_AI void kt2_nn_pass_rows(const int MR, const int KR, int N, int k, const bf16_t *const *a, const bf16_t *bk,
                              size_t ldb, float *c, size_t ldc) {
     __m256 x[KT2_NN_MR][4];
@@ -141,12 +152,7 @@ KT2_AI void kt2_nn_pass_rows(const int MR, const int KR, int N, int k, const bf1
     for (; n + 8 <= N; n += 8) {
         __m256 w[4];
         for (int j = 0; j < KR; j++) w[j] = kt2_widen8(bk + (size_t)j * ldb + n);
-        for (int i = 0; i < MR; i++) {
-            float *ci = c + (size_t)i * ldc + n;
-            __m256 acc = _mm256_loadu_ps(ci);
-            for (int j = 0; j < KR; j++) acc = _mm256_fmadd_ps(x[i][j], w[j], acc);
-            _mm256_storeu_ps(ci, acc);
-        }
+        kt2_fma_rows(MR, KR, (const __m256(*)[4])x, w, c + n, ldc);
     }
     for (; n < N; n++) /* column tail */
         for (int i = 0; i < MR; i++)

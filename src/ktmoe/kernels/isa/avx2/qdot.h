@@ -71,6 +71,21 @@ KT2_AI void kt2_q4_table(const kt_wmat *w, size_t si, __m256 *lo, __m256 *hi) {
     *hi = kt2_round_bf16(_mm256_fmadd_ps(vs, _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15), voff));
 }
 
+/* 8 nibbles from nibble index at -> their table values */
+KT2_AI __m256 kt2_q4_dec8(const uint8_t *q, size_t at, __m256 lo, __m256 hi) {
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)kt2_nibbles8(q, at)), shifts),
+                                   _mm256_set1_epi32(15));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+/* One value of scale block si at code index at (the tails) */
+static inline float kt2_q_dec1(const kt_wmat *w, size_t si, size_t at) {
+    if (w->fmt == KT_W_INT8) return kt2_q8_dec1(w->scale[si], ((const int8_t *)w->data)[at]);
+    return kt2_q4_dec1((const uint8_t *)w->data, at, w->scale[si], kt2_q4_off(w, si));
+}
+
 static void kt2_dec_run(const kt_wmat *w, int e, int row, int col, int n, float *d) {
     const size_t si = kt_scale_index(w, e, row, col), at = kt_code_index(w, e, row, col);
     const float s = w->scale[si];
@@ -86,13 +101,7 @@ static void kt2_dec_run(const kt_wmat *w, int e, int row, int col, int n, float 
     const uint8_t *q = (const uint8_t *)w->data;
     __m256 lo, hi;
     kt2_q4_table(w, si, &lo, &hi);
-    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    for (; j + 8 <= n; j += 8) {
-        __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)kt2_nibbles8(q, at + j)), shifts),
-                                       _mm256_set1_epi32(15));
-        __m256 vl = _mm256_permutevar8x32_ps(lo, idx), vh = _mm256_permutevar8x32_ps(hi, idx);
-        _mm256_storeu_ps(d + j, _mm256_blendv_ps(vl, vh, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))));
-    }
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(d + j, kt2_q4_dec8(q, at + j, lo, hi));
     for (; j < n; j++) d[j] = kt2_q4_dec1(q, at + j, s, off);
 }
 
@@ -431,7 +440,7 @@ KT2_AI void kt2_qnn_reg_rows(const int MR, const int KR, int nc, const float *af
     __m256 x[KT2_QNT_REG_M][KT2_QNN_KR];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < KR; j++) x[i][j] = _mm256_set1_ps(af[(size_t)i * lda + k + j]);
-    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), m15 = _mm256_set1_epi32(15);
+    const int is8 = w->fmt == KT_W_INT8;
     for (int j0 = 0; j0 < nc;) {
         const int len = kt2_run_len(w, c0, j0, nc), col = w->col0 + c0 + j0;
         size_t si[KT2_QNN_KR], at[KT2_QNN_KR];
@@ -439,51 +448,28 @@ KT2_AI void kt2_qnn_reg_rows(const int MR, const int KR, int nc, const float *af
             si[j] = kt_scale_index(w, e, w->row0 + row + j, col);
             at[j] = kt_code_index(w, e, w->row0 + row + j, col);
         }
-        int n = 0;
-        if (w->fmt == KT_W_INT8) {
-            const int8_t *q = (const int8_t *)w->data;
-            __m256 vs[KT2_QNN_KR];
-            for (int j = 0; j < KR; j++) vs[j] = _mm256_set1_ps(w->scale[si[j]]);
-            for (; n + 8 <= len; n += 8) {
-                __m256 b[KT2_QNN_KR];
-                for (int j = 0; j < KR; j++) b[j] = kt2_q8_dec8(q + at[j] + n, vs[j]);
-                for (int i = 0; i < MR; i++) {
-                    float *ci = c + (size_t)i * ldc + j0 + n;
-                    __m256 acc = _mm256_loadu_ps(ci);
-                    for (int j = 0; j < KR; j++) acc = _mm256_fmadd_ps(x[i][j], b[j], acc);
-                    _mm256_storeu_ps(ci, acc);
-                }
-            }
-            for (; n < len; n++)
-                for (int j = 0; j < KR; j++) {
-                    float b = kt2_q8_dec1(w->scale[si[j]], q[at[j] + n]);
-                    for (int i = 0; i < MR; i++) c[(size_t)i * ldc + j0 + n] += af[(size_t)i * lda + k + j] * b;
-                }
-        } else {
-            const uint8_t *q = (const uint8_t *)w->data;
-            __m256 lo[KT2_QNN_KR], hi[KT2_QNN_KR];
-            for (int j = 0; j < KR; j++) kt2_q4_table(w, si[j], &lo[j], &hi[j]);
-            for (; n + 8 <= len; n += 8) {
-                __m256 b[KT2_QNN_KR];
-                for (int j = 0; j < KR; j++) {
-                    __m256i idx = _mm256_and_si256(
-                        _mm256_srlv_epi32(_mm256_set1_epi32((int)kt2_nibbles8(q, at[j] + n)), shifts), m15);
-                    b[j] = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo[j], idx), _mm256_permutevar8x32_ps(hi[j], idx),
-                                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-                }
-                for (int i = 0; i < MR; i++) {
-                    float *ci = c + (size_t)i * ldc + j0 + n;
-                    __m256 acc = _mm256_loadu_ps(ci);
-                    for (int j = 0; j < KR; j++) acc = _mm256_fmadd_ps(x[i][j], b[j], acc);
-                    _mm256_storeu_ps(ci, acc);
-                }
-            }
-            for (; n < len; n++)
-                for (int j = 0; j < KR; j++) {
-                    float b = kt2_q4_dec1(q, at[j] + n, w->scale[si[j]], kt2_q4_off(w, si[j]));
-                    for (int i = 0; i < MR; i++) c[(size_t)i * ldc + j0 + n] += af[(size_t)i * lda + k + j] * b;
-                }
+        const int8_t *q8 = (const int8_t *)w->data;
+        const uint8_t *q4 = (const uint8_t *)w->data;
+        __m256 vs[KT2_QNN_KR], lo[KT2_QNN_KR], hi[KT2_QNN_KR]; /* INT8 scales / INT4 tables */
+        for (int j = 0; j < KR; j++) {
+            vs[j] = lo[j] = hi[j] = _mm256_setzero_ps();
+            if (is8)
+                vs[j] = _mm256_set1_ps(w->scale[si[j]]);
+            else
+                kt2_q4_table(w, si[j], &lo[j], &hi[j]);
         }
+        int n = 0;
+        for (; n + 8 <= len; n += 8) {
+            __m256 b[KT2_QNN_KR];
+            for (int j = 0; j < KR; j++)
+                b[j] = is8 ? kt2_q8_dec8(q8 + at[j] + n, vs[j]) : kt2_q4_dec8(q4, at[j] + n, lo[j], hi[j]);
+            kt2_fma_rows(MR, KR, (const __m256(*)[4])x, b, c + j0 + n, ldc);
+        }
+        for (; n < len; n++)
+            for (int j = 0; j < KR; j++) {
+                float b = kt2_q_dec1(w, si[j], at[j] + n);
+                for (int i = 0; i < MR; i++) c[(size_t)i * ldc + j0 + n] += af[(size_t)i * lda + k + j] * b;
+            }
         j0 += len;
     }
 }
