@@ -24,6 +24,23 @@
 #define KT2_NN_KC 256
 #define KT2_NT_PFB 2 /* gemm_nt prefetches the weight rows this many 4-row blocks ahead */
 
+/* CASE(MR, NR) for a register block of 1..3 rows x 1..4 (the counts must be constants to stay in registers) */
+#define KT2_SWITCH_3X4(mr, nr, CASE)                                                                           \
+    switch (((mr) - 1) * 4 + (nr) - 1) {                                                                       \
+    case 0: CASE(1, 1); break;                                                                                 \
+    case 1: CASE(1, 2); break;                                                                                 \
+    case 2: CASE(1, 3); break;                                                                                 \
+    case 3: CASE(1, 4); break;                                                                                 \
+    case 4: CASE(2, 1); break;                                                                                 \
+    case 5: CASE(2, 2); break;                                                                                 \
+    case 6: CASE(2, 3); break;                                                                                 \
+    case 7: CASE(2, 4); break;                                                                                 \
+    case 8: CASE(3, 1); break;                                                                                 \
+    case 9: CASE(3, 2); break;                                                                                 \
+    case 10: CASE(3, 3); break;                                                                                \
+    default: CASE(3, 4); break;                                                                                \
+    }
+
 KT2_AI __m256 kt2_even(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
 KT2_AI __m256 kt2_odd(__m256i v) {
     return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
@@ -85,20 +102,7 @@ static void kt_avx2_gemm_nt_bf16(int M, int N, int K, const bf16_t *const *a, co
             for (int i = 0; i < mr; i++) ap[i] = a[m + i];
             float *cm = c + (size_t)m * ldc + n;
             const int pf = blk == 0 && n + 4 * (KT2_NT_PFB + 1) <= N;
-            switch ((mr - 1) * 4 + nr - 1) {
-            case 0: KT2_NT_CASE(1, 1); break;
-            case 1: KT2_NT_CASE(1, 2); break;
-            case 2: KT2_NT_CASE(1, 3); break;
-            case 3: KT2_NT_CASE(1, 4); break;
-            case 4: KT2_NT_CASE(2, 1); break;
-            case 5: KT2_NT_CASE(2, 2); break;
-            case 6: KT2_NT_CASE(2, 3); break;
-            case 7: KT2_NT_CASE(2, 4); break;
-            case 8: KT2_NT_CASE(3, 1); break;
-            case 9: KT2_NT_CASE(3, 2); break;
-            case 10: KT2_NT_CASE(3, 3); break;
-            default: KT2_NT_CASE(3, 4); break;
-            }
+            KT2_SWITCH_3X4(mr, nr, KT2_NT_CASE);
             m += mr;
         }
     }

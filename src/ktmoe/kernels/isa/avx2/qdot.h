@@ -46,7 +46,6 @@ static inline uint32_t kt2_nibbles8(const uint8_t *q, size_t at) {
     return (at & 1) ? (v >> 4) | ((uint32_t)b[4] << 28) : v;
 }
 
-/* n values of one scale block: row `row`, columns [col, col + n) of expert e (absolute coordinates) -> fp32. */
 /* 8 INT8 codes -> bf16(s * q) as fp32 */
 KT2_AI __m256 kt2_q8_dec8(const int8_t *q, __m256 vs) {
     __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
@@ -86,6 +85,7 @@ static inline float kt2_q_dec1(const kt_wmat *w, size_t si, size_t at) {
     return kt2_q4_dec1((const uint8_t *)w->data, at, w->scale[si], kt2_q4_off(w, si));
 }
 
+/* n values of one scale block: row `row`, columns [col, col + n) of expert e (absolute coordinates) -> fp32. */
 static void kt2_dec_run(const kt_wmat *w, int e, int row, int col, int n, float *d) {
     const size_t si = kt_scale_index(w, e, row, col), at = kt_code_index(w, e, row, col);
     const float s = w->scale[si];
@@ -105,14 +105,17 @@ static void kt2_dec_run(const kt_wmat *w, int e, int row, int col, int n, float 
     for (; j < n; j++) d[j] = kt2_q4_dec1(q, at + j, s, off);
 }
 
+/* The run [k0, k0 + len) of view columns c0 + k0 .. that lies in one scale block (shared by every row). */
+static inline int kt2_run_len(const kt_wmat *w, int c0, int k0, int K) {
+    int col = w->col0 + c0 + k0, len = (col / w->group + 1) * w->group - col;
+    return len < K - k0 ? len : K - k0;
+}
+
 /* Row r, columns [c, c + n) of expert e, view coordinates, any number of scale blocks -> fp32. */
 static void kt2_dec_row(const kt_wmat *w, int e, int r, int c, int n, float *d) {
-    const int row = w->row0 + r;
     for (int j = 0; j < n;) {
-        int col = w->col0 + c + j;
-        int len = (col / w->group + 1) * w->group - col; /* to the end of this scale block */
-        if (len > n - j) len = n - j;
-        kt2_dec_run(w, e, row, col, len, d + j);
+        const int len = kt2_run_len(w, c, j, n);
+        kt2_dec_run(w, e, w->row0 + r, w->col0 + c + j, len, d + j);
         j += len;
     }
 }
@@ -149,20 +152,7 @@ KT2_AI void kt2_qnt_block(const int MR, const int NR, int kc, const float *af, s
 #define KT2_QNT_CASE(MR_, NR_) kt2_qnt_block(MR_, NR_, kc, af, lda, t, acc)
 
 static void kt2_qnt_rows(int mr, int nr, int kc, const float *af, size_t lda, const float *t, __m256 (*acc)[4]) {
-    switch ((mr - 1) * 4 + nr - 1) {
-    case 0: KT2_QNT_CASE(1, 1); break;
-    case 1: KT2_QNT_CASE(1, 2); break;
-    case 2: KT2_QNT_CASE(1, 3); break;
-    case 3: KT2_QNT_CASE(1, 4); break;
-    case 4: KT2_QNT_CASE(2, 1); break;
-    case 5: KT2_QNT_CASE(2, 2); break;
-    case 6: KT2_QNT_CASE(2, 3); break;
-    case 7: KT2_QNT_CASE(2, 4); break;
-    case 8: KT2_QNT_CASE(3, 1); break;
-    case 9: KT2_QNT_CASE(3, 2); break;
-    case 10: KT2_QNT_CASE(3, 3); break;
-    default: KT2_QNT_CASE(3, 4); break;
-    }
+    KT2_SWITCH_3X4(mr, nr, KT2_QNT_CASE);
 }
 
 #define KT2_QNT_MAX_M 9 /* three blocks of three rows */
@@ -231,12 +221,6 @@ static void kt2_qdot_nt_tile(int M, int N, int K, const float *af, size_t lda, c
 #define KT2_QNT_REG_M 3 /* activation rows per register block */
 #define KT2_QREG_MAX_M 6 /* up to this many rows the register paths, in blocks of up to 3 (decoding again per block) */
 #define KT2_QNT_PFB 4 /* weight rows prefetched this many 4-row blocks ahead (short rows: see gemm.h) */
-
-/* The scale block run [k0, k0 + len) of k that starts at k0 (every weight row of a block shares it). */
-static inline int kt2_run_len(const kt_wmat *w, int c0, int k0, int K) {
-    int col = w->col0 + c0 + k0, len = (col / w->group + 1) * w->group - col;
-    return len < K - k0 ? len : K - k0;
-}
 
 /* INT8: MR rows of A x NR weight rows (from view row r), k in scale-block runs, 8 at a time. */
 KT2_AI void kt2_q8nt_block(const int MR, const int NR, int K, const float *af, size_t lda, const kt_wmat *w, int e,
@@ -321,7 +305,7 @@ KT2_AI void kt2_q4nt_block(const int MR, const int NR, int K, const float *af, s
         }
         for (; k < k0 + len; k++) /* only at the end of K (in order in A) */
             for (int j = 0; j < NR; j++) {
-                float b = kt2_q4_dec1(q, at[j] + k, w->scale[si[j]], kt2_q4_off(w, si[j]));
+                float b = kt2_q_dec1(w, si[j], at[j] + k);
                 for (int i = 0; i < MR; i++) tail[i][j] += af[(size_t)i * lda + k] * b;
             }
         k0 += len;
@@ -338,22 +322,8 @@ static int kt2_q4nt_fits(const kt_wmat *w, int c0, int K) {
     return (col % 16 == 0 && w->group % 16 == 0) || (col / w->group == (col + K - 1) / w->group);
 }
 
-#define KT2_QNT_REG_CASE(F, MR_, NR_) F(MR_, NR_, K, am, lda, w, e, r0 + n0, c0, pf, cm, ldc)
-#define KT2_QNT_REG_SWITCH(F)                                                                                  \
-    switch ((mr - 1) * 4 + nr - 1) {                                                                           \
-    case 0: KT2_QNT_REG_CASE(F, 1, 1); break;                                                                  \
-    case 1: KT2_QNT_REG_CASE(F, 1, 2); break;                                                                  \
-    case 2: KT2_QNT_REG_CASE(F, 1, 3); break;                                                                  \
-    case 3: KT2_QNT_REG_CASE(F, 1, 4); break;                                                                  \
-    case 4: KT2_QNT_REG_CASE(F, 2, 1); break;                                                                  \
-    case 5: KT2_QNT_REG_CASE(F, 2, 2); break;                                                                  \
-    case 6: KT2_QNT_REG_CASE(F, 2, 3); break;                                                                  \
-    case 7: KT2_QNT_REG_CASE(F, 2, 4); break;                                                                  \
-    case 8: KT2_QNT_REG_CASE(F, 3, 1); break;                                                                  \
-    case 9: KT2_QNT_REG_CASE(F, 3, 2); break;                                                                  \
-    case 10: KT2_QNT_REG_CASE(F, 3, 3); break;                                                                 \
-    default: KT2_QNT_REG_CASE(F, 3, 4); break;                                                                 \
-    }
+#define KT2_Q8NT_CASE(MR_, NR_) kt2_q8nt_block(MR_, NR_, K, am, lda, w, e, r0 + n0, c0, pf, cm, ldc)
+#define KT2_Q4NT_CASE(MR_, NR_) kt2_q4nt_block(MR_, NR_, K, am, lda, w, e, r0 + n0, c0, pf, cm, ldc)
 
 static void kt2_qdot_nt_reg(int M, int N, int K, const float *af, size_t lda, const kt_wmat *w, int e, int r0,
                             int c0, float *c, size_t ldc) {
@@ -365,9 +335,9 @@ static void kt2_qdot_nt_reg(int M, int N, int K, const float *af, size_t lda, co
             const float *am = af + (size_t)m * lda;
             float *cm = c + (size_t)m * ldc + n0;
             if (w->fmt == KT_W_INT8) {
-                KT2_QNT_REG_SWITCH(kt2_q8nt_block)
+                KT2_SWITCH_3X4(mr, nr, KT2_Q8NT_CASE);
             } else {
-                KT2_QNT_REG_SWITCH(kt2_q4nt_block)
+                KT2_SWITCH_3X4(mr, nr, KT2_Q4NT_CASE);
             }
             m += mr;
         }
@@ -413,25 +383,12 @@ KT2_AI void kt2_qnn_block(const int MR, const int NV, int tr, const float *af, s
 
 static void kt2_qnn_rows(int mr, int nv, int tr, const float *af, size_t lda, const float *t, size_t ldt, float *c,
                          size_t ldc) {
-    switch ((mr - 1) * 4 + nv - 1) {
-    case 0: KT2_QNN_CASE(1, 1); break;
-    case 1: KT2_QNN_CASE(1, 2); break;
-    case 2: KT2_QNN_CASE(1, 3); break;
-    case 3: KT2_QNN_CASE(1, 4); break;
-    case 4: KT2_QNN_CASE(2, 1); break;
-    case 5: KT2_QNN_CASE(2, 2); break;
-    case 6: KT2_QNN_CASE(2, 3); break;
-    case 7: KT2_QNN_CASE(2, 4); break;
-    case 8: KT2_QNN_CASE(3, 1); break;
-    case 9: KT2_QNN_CASE(3, 2); break;
-    case 10: KT2_QNN_CASE(3, 3); break;
-    default: KT2_QNN_CASE(3, 4); break;
-    }
+    KT2_SWITCH_3X4(mr, nv, KT2_QNN_CASE);
 }
 
 /* ---- NN in registers (blocks of up to 3 activation rows): per 4 weight rows and 8 columns, the codes are
- * decoded once per block and applied to its rows of C (accumulators in memory, 4 FMAs per load / store); weight rows are read whole
- * (the backward's few-row experts take whole-row tasks: blk.nn_rows_max_m). ---- */
+ * decoded once per block and applied to its rows of C (accumulators in memory, 4 FMAs per load / store);
+ * weight rows are read whole (the backward's few-row experts take whole-row tasks: blk.nn_rows_max_m). ---- */
 
 #define KT2_QNN_KR 4
 
@@ -485,20 +442,7 @@ static void kt2_qnn_reg(int m, int nc, int K, const float *af, size_t lda, const
             if (k + j + KT2_QPFD < K) kt2_prefetch_row(w, e, r0 + k + j + KT2_QPFD, c0, nc);
         for (int p = 0; p < m; p += KT2_QNT_REG_M) { /* (the kr rows of codes stay in L1 for the next block) */
             const int mr = imin(KT2_QNT_REG_M, m - p);
-            switch ((mr - 1) * 4 + kr - 1) {
-            case 0: KT2_QNN_REG_CASE(1, 1); break;
-            case 1: KT2_QNN_REG_CASE(1, 2); break;
-            case 2: KT2_QNN_REG_CASE(1, 3); break;
-            case 3: KT2_QNN_REG_CASE(1, 4); break;
-            case 4: KT2_QNN_REG_CASE(2, 1); break;
-            case 5: KT2_QNN_REG_CASE(2, 2); break;
-            case 6: KT2_QNN_REG_CASE(2, 3); break;
-            case 7: KT2_QNN_REG_CASE(2, 4); break;
-            case 8: KT2_QNN_REG_CASE(3, 1); break;
-            case 9: KT2_QNN_REG_CASE(3, 2); break;
-            case 10: KT2_QNN_REG_CASE(3, 3); break;
-            default: KT2_QNN_REG_CASE(3, 4); break;
-            }
+            KT2_SWITCH_3X4(mr, kr, KT2_QNN_REG_CASE);
         }
         k += kr;
     }
