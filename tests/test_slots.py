@@ -182,3 +182,13 @@ def test_descriptor_rejects_unknown_format_and_layout_sizes():
     with pytest.raises(ValueError, match="does not fit"):
         layer.set_weight(0, "down", _core.WEIGHT_FORMATS["bf16"], addr, 0, 0, 32, 64, 0, 0, 64)
     layer.set_weight(0, "gate", _core.WEIGHT_FORMATS["bf16"], addr, 0, 0, 32, 64, 0, 0, 64)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("offset", [0, 1, 7, 15])  # floats past a 64-byte boundary
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 16, 33, 1000])
+@pytest.mark.parametrize("copy", [0, 1], ids=["zeros", "copy"])
+def test_stream_slot(level, offset, n, copy):
+    """stream_f32 writes exactly dst[0, n) (the values, or zeros), whatever the alignment: the streamed body,
+    the cached head and tail, nothing before or after."""
+    check(level, "stream_f32", "bf16", offset + 1, n, copy)

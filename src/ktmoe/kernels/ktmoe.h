@@ -183,7 +183,7 @@ enum kt_slot_id {
     KT_SLOT_GEMM_NT = 0, KT_SLOT_GEMM_NT_F32 = 1, KT_SLOT_GEMM_NN = 2, KT_SLOT_DECODE = 3,
     KT_SLOT_BOP_NT = 4, KT_SLOT_BOP_NN = 5, KT_SLOT_OUTER_F32 = 6, KT_SLOT_OUTER_BF16 = 7,
     KT_SLOT_ACT_FWD = 8, KT_SLOT_ACT_BWD = 9, KT_SLOT_Q8_QUANT = 10, KT_SLOT_BOP_Q8 = 11, KT_SLOT_BOP_PX = 12,
-    KT_SLOT_COUNT = 13
+    KT_SLOT_STREAM = 13, KT_SLOT_COUNT = 14
 };
 const char *kt_slot_name(int slot);
 /* group: codes per scale block along cols (0: one per row); block_rows: rows per scale block (0: 1), for

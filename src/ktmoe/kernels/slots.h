@@ -28,6 +28,7 @@
  *                        layout, then bop_q8_gemm runs row chunks of int8 activations against it
  *   outer_f32/outer_bf16 LoRA products: out[j, n] += sum_p coef[p, j] x_p[n]
  *   act_fwd / act_bwd    the SiLU-gated activation and its backward, with the bf16 rounding of the saved values
+ *   stream_f32           dst = src (or zeros) for large outputs the call does not read back, past the caches
  *   forward / backward   the algorithm itself (moe/stages.c, compiled per vector width)
  *   peak_loop            one thread's multiply-accumulate loop (the bench's peak)
  */
@@ -142,6 +143,8 @@ struct kt_slots {
      * dhu; returns <dhu, h> (the routing-weight gradient's share) */
     float (*act_bwd)(int n, const bf16_t *g, const bf16_t *u, const float *dhu, float w, float *h, float *dg,
                      float *du, bf16_t *dgb, bf16_t *dub);
+    /* dst[0, n) = src[0, n), or zeros with src NULL; the values need not stay in cache (the LoRA grads) */
+    void (*stream_f32)(float *dst, const float *src, size_t n);
     int (*forward)(const kt_slots *S, struct kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *x,
                    int x_is_f32, void *out, int out_is_f32, char *err);
     int (*backward)(const kt_slots *S, struct kt_ctx *ctx, const kt_layer *L, kt_engine *eng, const void *dy,

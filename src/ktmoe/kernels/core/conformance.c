@@ -13,7 +13,7 @@
 
 static const char *const slot_names[KT_SLOT_COUNT] = {"gemm_nt", "gemm_nt_f32", "gemm_nn", "decode", "bop_nt",
                                                        "bop_nn", "outer_f32", "outer_bf16", "act_fwd", "act_bwd",
-                                                       "q8_quant", "bop_q8", "bop_px"};
+                                                       "q8_quant", "bop_q8", "bop_px", "stream_f32"};
 
 const char *kt_slot_name(int slot) { return slot >= 0 && slot < KT_SLOT_COUNT ? slot_names[slot] : NULL; }
 
@@ -336,6 +336,28 @@ static double check_act(const kt_slots *S, int slot, int n, uint64_t *s, arena *
     return worst;
 }
 
+/* stream_f32: n values to dst at float offset `off` from a 64-byte boundary, between 16 sentinels before and
+ * up to 15 after it (then a guard page); copy = 0 writes zeros. Exact. */
+static double check_stream(const kt_slots *S, int off, int n, int copy, uint64_t *s, arena *A, char *err) {
+    const float *src = copy ? f32_array(A, s, (size_t)n, 1.0f) : NULL;
+    size_t lead = 16, trail = (16 - ((size_t)n + (size_t)off) % 16) % 16; /* the guard page is 64-byte aligned */
+    float *buf = guarded(A, sizeof(float) * (lead + (size_t)n + trail));
+    if (A->failed) return out_of_memory(err);
+    float *dst = buf + lead;
+    for (size_t i = 0; i < lead + (size_t)n + trail; i++) buf[i] = i < lead || i >= lead + (size_t)n ? SENTINEL : NAN;
+    S->stream_f32(dst, src, (size_t)n);
+    for (size_t i = 0; i < lead + (size_t)n + trail; i++) {
+        int in = i >= lead && i < lead + (size_t)n;
+        float want = in ? (src ? src[i - lead] : 0.f) : SENTINEL;
+        if (memcmp(&buf[i], &want, sizeof want)) {
+            snprintf(err, KT_ERRLEN, "stream_f32 (%s, n=%d, offset %d) wrong at %td: %g, want %g",
+                     src ? "copy" : "zeros", n, off, (ptrdiff_t)i - (ptrdiff_t)lead, buf[i], want);
+            return INFINITY;
+        }
+    }
+    return 0;
+}
+
 /* The W8A8 quantizer on rows of n values, each given in three segments (uneven, possibly empty) that end at
  * guard pages: random rows of several magnitudes, an all-zero row, a row of exact ties (max 127: sa = 1, values
  * k + 1/2), a row of bf16 denormals and a row with one non-zero value. Codes and scale bit for bit. */
@@ -461,6 +483,7 @@ double kt_slot_check(int level, int slot, int fmt, int M, int N, int K, int grou
     case KT_SLOT_Q8_QUANT: r = check_q8_quant(S, N, &s, A, err); break;
     case KT_SLOT_BOP_PX: r = check_bop_px(S, fmt, M, N, K > 0 ? K : 1, group, block_rows, &s, A, err); break;
     case KT_SLOT_BOP_Q8: r = check_bop_q8(S, fmt, M, N, K > 0 ? K : 1, &s, A, err); break;
+    case KT_SLOT_STREAM: r = check_stream(S, M - 1, N, K, &s, A, err); break;
     default: r = check_gemm(S, slot, M, N, K, &s, A, err); break;
     }
     arena_free(A);

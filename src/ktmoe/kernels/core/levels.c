@@ -52,6 +52,7 @@ static void inherit(kt_slots *out, const kt_level *row, const kt_slots *p) {
     INHERIT(outer_bf16);
     INHERIT(act_fwd);
     INHERIT(act_bwd);
+    INHERIT(stream_f32);
     INHERIT(forward);
     INHERIT(backward);
     INHERIT(peak_loop);

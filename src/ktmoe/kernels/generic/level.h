@@ -9,6 +9,7 @@
 #include "gemm.h"
 #include "lora.h"
 #include "peak.h"
+#include "store.h"
 
 /* The slots of a generic level (the default prepared operands and the W8A8 slots are shared, core/bop.c):
  * inside a level's `.slots = {KT_GENERIC_SLOT_FIELDS}`; fields named after it override (a later designator
@@ -18,7 +19,7 @@
     .bop_prep = kt_bop_prep_rows, .bop_gemm = kt_bop_gemm_rows, .q8_quant = kt_q8_quant_rows,                \
     .bop_q8_bytes = kt_bop_q8_bytes_rows, .bop_q8_prep = kt_bop_q8_prep_rows,                                \
     .bop_q8_gemm = kt_bop_q8_gemm_rows, .outer_f32 = kt_outer_f32, .outer_bf16 = kt_outer_bf16,               \
-    .act_fwd = kt_act_fwd, .act_bwd = kt_act_bwd, .forward = kt_stages_forward,                              \
+    .act_fwd = kt_act_fwd, .act_bwd = kt_act_bwd, .stream_f32 = kt_stream_f32, .forward = kt_stages_forward, \
     .backward = kt_stages_backward, .peak_loop = kt_peak_fma
 
 #endif

@@ -670,9 +670,25 @@ static int kt_stages_forward(const kt_slots *S, kt_ctx *ctx, const kt_layer *L, 
 
 /* ---- backward ---- */
 
-/* bd = Bd^T dy for every pair (shared by parts). Task = active expert. */
-/* bd[p] = Bd^T dy[p] for the expert's pairs, Bd [H, r] read in place: each row of Bd (r floats) is one vector
- * operand for 4 pairs at a time (a transpose of Bd for a dot-form GEMM cost more than the product itself). */
+/* out[i][j] = sum_h dy_i[h] Bd[h][j0 + j] for 4 pairs (dy rows) and jb <= 16 columns of the rank. */
+static inline void lora_dy_block(const int jb, int H, int r, const bf16_t *const *dy, const float *Bd, float (*acc)[16]) {
+    for (int h = 0; h < H; h++) {
+        const float *b = Bd + (size_t)h * r;
+        const float d0 = kt_bf(dy[0][h]), d1 = kt_bf(dy[1][h]), d2 = kt_bf(dy[2][h]), d3 = kt_bf(dy[3][h]);
+#pragma omp simd
+        for (int j = 0; j < jb; j++) {
+            acc[0][j] += d0 * b[j];
+            acc[1][j] += d1 * b[j];
+            acc[2][j] += d2 * b[j];
+            acc[3][j] += d3 * b[j];
+        }
+    }
+}
+
+/* bd[p] = Bd^T dy[p] for the expert's pairs (shared by parts), Bd [H, r] read in place: each row of Bd (r
+ * floats) is one vector operand for 4 pairs at a time (a transpose of Bd for a dot-form GEMM cost more than
+ * the product itself). Whole 16-column strips take a constant width, so that the accumulators stay in
+ * registers. Task = active expert. */
 static void bwd_lora_dy_task(void *arg, int part, int task, int tid) {
     (void)part;
     (void)tid;
@@ -686,28 +702,21 @@ static void bwd_lora_dy_task(void *arg, int part, int task, int tid) {
         rows_by_token(dy, ctx, a->dyb, (size_t)H, p0, m);
         for (int i = m; i < 4; i++) dy[i] = dy[0]; /* (computed, not stored) */
         float *out = a->bd + (size_t)p0 * r;
-        for (int j0 = 0; j0 < r; j0 += 32) {
-            const int jb = r - j0 < 32 ? r - j0 : 32;
-            float acc[4][32] = {{0}};
-            for (int h = 0; h < H; h++) {
-                const float *b = Bd + (size_t)h * r + j0;
-                const float d0 = kt_bf(dy[0][h]), d1 = kt_bf(dy[1][h]), d2 = kt_bf(dy[2][h]), d3 = kt_bf(dy[3][h]);
-#pragma omp simd
-                for (int j = 0; j < jb; j++) {
-                    acc[0][j] += d0 * b[j];
-                    acc[1][j] += d1 * b[j];
-                    acc[2][j] += d2 * b[j];
-                    acc[3][j] += d3 * b[j];
-                }
-            }
+        for (int j0 = 0; j0 < r; j0 += 16) {
+            const int jb = r - j0 < 16 ? r - j0 : 16;
+            float acc[4][16] = {{0}};
+            if (jb == 16)
+                lora_dy_block(16, H, r, dy, Bd + j0, acc);
+            else
+                lora_dy_block(jb, H, r, dy, Bd + j0, acc);
             for (int i = 0; i < m; i++) memcpy(out + (size_t)i * r + j0, acc[i], sizeof(float) * (size_t)jb);
         }
     }
 }
 
 /* Down backward + activation backward, and the LoRA grads this (expert, column block) owns:
- * dA_d[:, block], dB_g[block, :], dB_u[block, :]. Task = (active expert, column block of the part; the whole
- * slice for few-row experts: nnblock_of). */
+ * dA_d[:, block], dB_g[block, :], dB_u[block, :] (summed in scratch, streamed out: S->stream_f32). Task =
+ * (active expert, column block of the part; the whole slice for few-row experts: nnblock_of). */
 static void bwd_down_act_task(void *arg, int part, int task, int tid) {
     stage_args *a = arg;
     const kt_slots *S = a->S;
@@ -721,7 +730,7 @@ static void bwd_down_act_task(void *arg, int part, int task, int tid) {
     int H = L->H, r = L->r, I = L->I;
     float s = a->s;
     size_t wb = S->bop_bytes(S, &L->down[part], KT_NN, H, nb, me);
-    size_t lora = (size_t)r * (4 * (size_t)MR + 2 * (size_t)NBB);
+    size_t lora = (size_t)r * (4 * (size_t)MR + 4 * (size_t)NBB);
     size_t fbytes = st_round64(sizeof(float) * (4 * (size_t)MR * NBB + lora));
     char *base = kt_scratch(a->eng, tid, fbytes + wb);
     if (!base) {
@@ -732,7 +741,8 @@ static void bwd_down_act_task(void *arg, int part, int task, int tid) {
     float *hf = c + (size_t)MR * NBB, *dgf = hf + (size_t)MR * NBB, *duf = dgf + (size_t)MR * NBB;
     float *cd = duf + (size_t)MR * NBB, *cg = cd + (size_t)MR * r, *cu = cg + (size_t)MR * r;
     float *bgT = cu + (size_t)MR * r, *buT = bgT + (size_t)r * NBB; /* dB_g^T, dB_u^T of this block */
-    float *cT = buT + (size_t)r * NBB;                                /* [r, m] coefficients */
+    float *adT = buT + (size_t)r * NBB, *tr = adT + (size_t)r * NBB; /* dA_d of this block; a transpose */
+    float *cT = tr + (size_t)r * NBB;                                 /* [r, m] coefficients */
     kt_bop bw;
     S->bop_prep(S, &L->down[part], e, 0, H, n0, nb, KT_NN, me, base + fbytes, &bw);
     float *gAd = NULL, *gBg = NULL, *gBu = NULL;
@@ -740,8 +750,7 @@ static void bwd_down_act_task(void *arg, int part, int task, int tid) {
         gAd = a->grads[4] + (size_t)e * r * I + i0 + n0;           /* [r, I] at column i0 + n0 */
         gBg = a->grads[1] + ((size_t)e * I + (size_t)(i0 + n0)) * r; /* [I, r] at row i0 + n0 */
         gBu = a->grads[3] + ((size_t)e * I + (size_t)(i0 + n0)) * r;
-        for (int j = 0; j < r; j++) memset(gAd + (size_t)j * I, 0, sizeof(float) * (size_t)nb);
-        memset(bgT, 0, sizeof(float) * 2 * (size_t)r * NBB);
+        memset(bgT, 0, sizeof(float) * 3 * (size_t)r * NBB); /* bgT, buT, adT */
     }
     const bf16_t *rows[KT_MAX_MC];
     for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
@@ -772,18 +781,21 @@ static void bwd_down_act_task(void *arg, int part, int task, int tid) {
                 cu[(size_t)i * r + j] = s * ctx->au[(size_t)p * r + j];
             }
         }
-        S->outer_f32(m, r, nb, cd, (size_t)r, hf, NBB, gAd, (size_t)I);
+        S->outer_f32(m, r, nb, cd, (size_t)r, hf, NBB, adT, NBB);
         S->outer_f32(m, r, nb, cg, (size_t)r, dgf, NBB, bgT, NBB);
         S->outer_f32(m, r, nb, cu, (size_t)r, duf, NBB, buT, NBB);
     }
     if (r > 0) {
         for (int j = 0; j < r; j++) {
-            mark_nonfinite(a, KT_NF_GRAD << 4, gAd + (size_t)j * I, (size_t)nb);
+            mark_nonfinite(a, KT_NF_GRAD << 4, adT + (size_t)j * NBB, (size_t)nb);
             mark_nonfinite(a, KT_NF_GRAD << 1, bgT + (size_t)j * NBB, (size_t)nb);
             mark_nonfinite(a, KT_NF_GRAD << 3, buT + (size_t)j * NBB, (size_t)nb);
+            S->stream_f32(gAd + (size_t)j * I, adT + (size_t)j * NBB, (size_t)nb);
         }
-        transpose_f32(bgT, NBB, r, nb, gBg, (size_t)r);
-        transpose_f32(buT, NBB, r, nb, gBu, (size_t)r);
+        transpose_f32(bgT, NBB, r, nb, tr, (size_t)r);
+        S->stream_f32(gBg, tr, (size_t)nb * r);
+        transpose_f32(buT, NBB, r, nb, tr, (size_t)r);
+        S->stream_f32(gBu, tr, (size_t)nb * r);
     }
 }
 
@@ -813,61 +825,57 @@ static void bwd_lora_mid_task(void *arg, int part, int task, int tid) {
 }
 
 /* The LoRA grads summed over pairs and parts: dA_g, dA_u, dB_d. Task = expert (all of them: experts with
- * no pairs get zero grads here, including the slices other stages own). */
+ * no pairs get zero grads here, including the slices other stages own). Each grad is summed in scratch and
+ * streamed out once (S->stream_f32: the grads are tens of MB the call does not read back). */
 static void bwd_lora_sum_task(void *arg, int part, int task, int tid) {
     (void)part;
     stage_args *a = arg;
+    const kt_slots *S = a->S;
     const kt_ctx *ctx = a->ctx;
     const kt_layer *L = a->L;
     int e = task, r = L->r, H = L->H, I = L->I, P = ctx->nparts, MC = a->mc;
-    float s = a->s;
-    float *gAg = a->grads[0] + (size_t)e * r * H, *gAu = a->grads[2] + (size_t)e * r * H;
-    float *gBd = a->grads[5] + (size_t)e * H * r;
-    memset(gAg, 0, sizeof(float) * (size_t)r * H);
-    memset(gAu, 0, sizeof(float) * (size_t)r * H);
+    size_t rH = (size_t)r * H, rI = (size_t)r * I;
+    float *out[3] = {a->grads[0] + e * rH, a->grads[2] + e * rH, a->grads[5] + e * rH}; /* dA_g, dA_u, dB_d */
     if (expert_rows(ctx, e) == 0) {
-        memset(gBd, 0, sizeof(float) * (size_t)r * H);
-        memset(a->grads[1] + (size_t)e * I * r, 0, sizeof(float) * (size_t)I * r);
-        memset(a->grads[3] + (size_t)e * I * r, 0, sizeof(float) * (size_t)I * r);
-        memset(a->grads[4] + (size_t)e * r * I, 0, sizeof(float) * (size_t)r * I);
+        for (int g = 0; g < 3; g++) S->stream_f32(out[g], NULL, rH);
+        S->stream_f32(a->grads[1] + e * rI, NULL, rI);
+        S->stream_f32(a->grads[3] + e * rI, NULL, rI);
+        S->stream_f32(a->grads[4] + e * rI, NULL, rI);
         return;
     }
-    /* per chunk: s * sum_q bg_q, s * sum_q bu_q, s * w * sum_q ad_q; then dB_d^T [r, H] accumulates */
-    float *cg = kt_scratch(a->eng, tid, sizeof(float) * ((size_t)3 * MC * r + (size_t)r * H));
-    if (!cg) {
+    /* per chunk of rows: coefficients s * sum_q bg_q, s * sum_q bu_q, s * w * sum_q ad_q over the parts;
+     * the sums over rows accumulate in acc ([r, H]; dB_d transposed through tr to its [H, r]) */
+    float *c = kt_scratch(a->eng, tid, sizeof(float) * ((size_t)MC * r + 2 * rH));
+    if (!c) {
         fail(a, 2, 0);
         return;
     }
-    float *cu = cg + (size_t)MC * r, *cd = cu + (size_t)MC * r, *bdT = cd + (size_t)MC * r;
-    memset(bdT, 0, sizeof(float) * (size_t)r * H);
-    const bf16_t *xrows[KT_MAX_MC], *dyrows[KT_MAX_MC];
-    for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
-        int m = (int)zmin((size_t)MC, (size_t)(ctx->expert_off[e + 1] - p0));
-        for (int i = 0; i < m; i++) {
-            size_t at = (size_t)(p0 + i) * r;
-            float sw = s * ctx->pair_w[p0 + i];
-            for (int j = 0; j < r; j++) {
-                float bg = 0.f, bu = 0.f, ad = 0.f;
-                for (int q = 0; q < P; q++) {
-                    bg += a->bg[q][at + j];
-                    bu += a->bu[q][at + j];
-                    ad += ctx->ad[q][at + j];
+    float *acc = c + (size_t)MC * r, *tr = acc + rH;
+    static const int nf_bit[3] = {KT_NF_GRAD << 0, KT_NF_GRAD << 2, KT_NF_GRAD << 5};
+    const bf16_t *rows[KT_MAX_MC];
+    for (int g = 0; g < 3; g++) {
+        memset(acc, 0, sizeof(float) * rH);
+        for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
+            int m = (int)zmin((size_t)MC, (size_t)(ctx->expert_off[e + 1] - p0));
+            for (int i = 0; i < m; i++) {
+                size_t at = (size_t)(p0 + i) * r;
+                float sc = g == 2 ? a->s * ctx->pair_w[p0 + i] : a->s;
+                for (int j = 0; j < r; j++) {
+                    float v = 0.f;
+                    for (int q = 0; q < P; q++) v += (g == 0 ? a->bg[q] : g == 1 ? a->bu[q] : ctx->ad[q])[at + j];
+                    c[(size_t)i * r + j] = sc * v;
                 }
-                cg[(size_t)i * r + j] = s * bg;
-                cu[(size_t)i * r + j] = s * bu;
-                cd[(size_t)i * r + j] = sw * ad;
             }
+            if (g < 2)
+                rows_by_token(rows, ctx, ctx->x, (size_t)H, p0, m);
+            else
+                rows_by_token(rows, ctx, a->dyb, (size_t)H, p0, m);
+            S->outer_bf16(m, r, H, c, (size_t)r, rows, acc, (size_t)H);
         }
-        rows_by_token(xrows, ctx, ctx->x, (size_t)H, p0, m);
-        rows_by_token(dyrows, ctx, a->dyb, (size_t)H, p0, m);
-        a->S->outer_bf16(m, r, H, cg, (size_t)r, xrows, gAg, (size_t)H);
-        a->S->outer_bf16(m, r, H, cu, (size_t)r, xrows, gAu, (size_t)H);
-        a->S->outer_bf16(m, r, H, cd, (size_t)r, dyrows, bdT, (size_t)H);
+        mark_nonfinite(a, nf_bit[g], acc, rH);
+        if (g == 2) transpose_f32(acc, (size_t)H, r, H, tr, (size_t)r);
+        S->stream_f32(out[g], g == 2 ? tr : acc, rH);
     }
-    mark_nonfinite(a, KT_NF_GRAD << 0, gAg, (size_t)r * H);
-    mark_nonfinite(a, KT_NF_GRAD << 2, gAu, (size_t)r * H);
-    mark_nonfinite(a, KT_NF_GRAD << 5, bdT, (size_t)r * H);
-    transpose_f32(bdT, (size_t)H, r, H, gBd, (size_t)r);
 }
 
 /* dx rows per pair = dg Wg + du Wu + s (bg Ag + bu Au), into the part's per-pair buffer; the combine
