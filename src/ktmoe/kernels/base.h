@@ -52,5 +52,6 @@ static inline float kt_sigmoid(float g) { return 1.0f / (1.0f + kt_expf(-g)); }
 
 static inline size_t zmin(size_t a, size_t b) { return a < b ? a : b; }
 static inline int imin(int a, int b) { return a < b ? a : b; }
+static inline int imax(int a, int b) { return a > b ? a : b; }
 
 #endif

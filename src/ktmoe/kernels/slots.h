@@ -17,7 +17,8 @@
  *   qdot_small           small-M fused quantized product C = A W, W decoded in registers (optional)
  *   bop_bytes/prep/gemm  the packed-panel GEMM: prep makes a block of W ready (in place, decoded, packed
  *                        into the level's tile layout, or left for the fused kernel) as a kt_bop descriptor,
- *                        then bop_gemm runs any number of row chunks against it
+ *                        then bop_gemm runs any number of row chunks against it (and may prefetch the
+ *                        descriptor's `next` block, which the algorithm fills in after prep)
  *   xpack_bytes/xpack/bop_gemm_px  optional (never inherited: they go with the level's own bop slots): the
  *                        forward's NT products with the activations packed once per expert (xpack) instead
  *                        of once per weight block; bop_gemm_px then runs a bop_prep'd weight block against
@@ -44,6 +45,10 @@ typedef struct kt_slots kt_slots;
 enum { KT_NT = 0, KT_NN = 1 };  /* C = A W^T (block rows are the N outputs) / C = A W (block rows are K) */
 enum { KT_BOP_ROWS = 0, KT_BOP_PANEL = 1, KT_BOP_FUSED = 2, KT_BOP_Q8_ROWS = 3, KT_BOP_Q8_PANEL = 4, KT_BOP_PAIRS = 5 };
 
+/* A block of an expert's weights: rows [r0, r0 + nr) x columns [c0, c0 + nc) of expert e of w, view
+ * coordinates; nr == 0: none. */
+typedef struct { const kt_wmat *w; int e, r0, nr, c0, nc; } kt_wblock;
+
 /* A prepared weight operand (a descriptor first, then the kernel). The block is rows [r0, r0 + nr) x
  * columns [c0, c0 + nc) of expert e's matrix, relative to the part's view; N and K follow from trans. */
 typedef struct {
@@ -58,6 +63,10 @@ typedef struct {
     const int8_t *q;     /* KT_BOP_Q8_ROWS: int8 codes [N, K], row stride ld (KT_BOP_Q8_PANEL: in `panel`) */
     const float *qscale; /* [N] */
     const float *qzero;  /* [N]; NULL: no zero point (int8, int4) */
+    /* the block this thread will likely prepare next (the stage's next task; nr == 0: unknown): a product
+     * whose block is packed may prefetch it while it computes, spread over its work, so that the next prep
+     * reads from cache (strided block rows from memory are latency-bound: most of a pack's time) */
+    kt_wblock next;
 } kt_bop;
 
 /* A cleared descriptor of the block rows [r0, r0 + nr) x columns [c0, c0 + nc) of expert e, for `trans`. */

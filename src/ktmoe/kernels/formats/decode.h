@@ -10,6 +10,23 @@ static inline size_t kt_code_index(const kt_wmat *w, int e, int r, int c) {
     return ((size_t)e * (size_t)w->rows + (size_t)r) * (size_t)w->cols + (size_t)c;
 }
 
+/* Prefetches the codes of row r, columns [c, c + n) of expert e (absolute coordinates) into the caches. */
+static inline void kt_prefetch_wrow(const kt_wmat *w, int bits, int e, int r, int c, int n) {
+    const size_t at = kt_code_index(w, e, r, c), bytes = ((size_t)n * bits + 7) / 8 + 1;
+    const char *p = (const char *)w->data + at * bits / 8;
+    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+    __builtin_prefetch(p + bytes - 1);
+}
+
+/* Rows [i0, i1) of block b (relative to b->r0) prefetched. */
+static inline void kt_prefetch_wblock(const kt_wblock *b, int i0, int i1) {
+    if (i1 > b->nr) i1 = b->nr;
+    if (i0 >= i1) return;
+    const kt_wmat *w = b->w;
+    const int bits = kt_format_bits(w->fmt);
+    for (int i = i0; i < i1; i++) kt_prefetch_wrow(w, bits, b->e, w->row0 + b->r0 + i, w->col0 + b->c0, b->nc);
+}
+
 static inline void kt_decode_bf16(const kt_wmat *w, int e, int r, int c, int n, bf16_t *d) {
     memcpy(d, (const bf16_t *)w->data + kt_code_index(w, e, r, c), sizeof(bf16_t) * (size_t)n);
 }

@@ -121,11 +121,7 @@ static void kt2_dec_row(const kt_wmat *w, int e, int r, int c, int n, float *d) 
 }
 
 static void kt2_prefetch_row(const kt_wmat *w, int e, int r, int c, int n) {
-    const int bits = kt_format_bits(w->fmt);
-    const size_t at = kt_code_index(w, e, w->row0 + r, w->col0 + c), bytes = ((size_t)n * bits + 7) / 8 + 1;
-    const char *p = (const char *)w->data + at * bits / 8;
-    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
-    __builtin_prefetch(p + bytes - 1);
+    kt_prefetch_wrow(w, kt_format_bits(w->fmt), e, w->row0 + r, w->col0 + c, n);
 }
 
 /* ---- NT: C[i][n] = sum_k A_i[k] W[r0 + n][c0 + k], M <= KT2_QNT_MAX_M, up to 3 rows per block ---- */
