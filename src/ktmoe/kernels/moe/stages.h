@@ -888,6 +888,8 @@ static void bwd_lora_sum_task(void *arg, int part, int task, int tid) {
     static const int nf_bit[3] = {KT_NF_GRAD << 0, KT_NF_GRAD << 2, KT_NF_GRAD << 5};
     const bf16_t *rows[KT_MAX_MC];
     for (int g = 0; g < 3; g++) {
+        float *const *coef = g == 0 ? a->bg : g == 1 ? a->bu : ctx->ad; /* per part */
+        const bf16_t *x = g < 2 ? ctx->x : a->dyb;
         memset(acc, 0, sizeof(float) * rH);
         for (int p0 = ctx->expert_off[e]; p0 < ctx->expert_off[e + 1]; p0 += MC) {
             int m = (int)zmin((size_t)MC, (size_t)(ctx->expert_off[e + 1] - p0));
@@ -896,14 +898,11 @@ static void bwd_lora_sum_task(void *arg, int part, int task, int tid) {
                 float sc = g == 2 ? a->s * ctx->pair_w[p0 + i] : a->s;
                 for (int j = 0; j < r; j++) {
                     float v = 0.f;
-                    for (int q = 0; q < P; q++) v += (g == 0 ? a->bg[q] : g == 1 ? a->bu[q] : ctx->ad[q])[at + j];
+                    for (int q = 0; q < P; q++) v += coef[q][at + j];
                     c[(size_t)i * r + j] = sc * v;
                 }
             }
-            if (g < 2)
-                rows_by_token(rows, ctx, ctx->x, (size_t)H, p0, m);
-            else
-                rows_by_token(rows, ctx, a->dyb, (size_t)H, p0, m);
+            rows_by_token(rows, ctx, x, (size_t)H, p0, m);
             S->outer_bf16(m, r, H, c, (size_t)r, rows, acc, (size_t)H);
         }
         mark_nonfinite(a, nf_bit[g], acc, rH);
