@@ -59,14 +59,17 @@ def _rel(a, b) -> float:
 @pytest.mark.parametrize("world,case", TRAINED)
 def test_equals_plain_ddp_and_one_process(launches, world, case):
     ranks = launches(world)
-    if world == 2:  # fp32 reorder only (the full fine-tuning case: carried by the full-weight updates)
-        tol, loss_tol = (DIST_FULL_TRAIN_REL if case == "full" else DIST_REORDER_REL), DIST_REORDER_REL
-    else:  # the batch split in three moves bf16 roundings in the experts (tolerances.py)
-        tol, loss_tol = DIST_EP_ADAPTER_REL, DIST_EP_LOSS_REL
+    # the first step precedes any update: a pure fp32 reorder over 2 ranks; after it the reordered sums can move
+    # bf16 roundings in the experts (the full fine-tuning case: carried by the full-weight updates), and over 3
+    # ranks the split does from the start (tolerances.py)
+    tol = DIST_FULL_TRAIN_REL if world == 2 and case == "full" else DIST_EP_ADAPTER_REL
+    loss_tol = DIST_EP_LOSS_REL
     for r, res in enumerate(ranks):
         res = res[case]
         losses, params = res["losses"], res["params"]
         assert len(losses["ref"]) == STEPS
+        if world == 2:
+            assert _rel(losses["helper"][:1], losses["ref"][:1]) < DIST_REORDER_REL, (r, losses)
         assert _rel(losses["helper"], losses["ref"]) < loss_tol, (r, losses)
         assert set(params["helper"]) == set(params["ref"]) == set(params["plain"]) == set(params["init"])
         for n, want in params["ref"].items():  # expert LoRA and everything else that trains

@@ -34,7 +34,7 @@ def single(tmp_path_factory):
     return {gc: _run(f"gc={gc},save=1", base / f"gc{gc}", 1)[0] | {"dir": base / f"gc{gc}"} for gc in (0, 1)}
 
 
-def _close(a, b, what, tol=DIST_REORDER_REL):
+def _close(a, b, what, tol):
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     err = float((a - b).norm() / b.norm())
     assert err < tol, f"{what}: relative error {err:.2e}"
@@ -49,14 +49,15 @@ def test_fsdp2_equals_one_process(tmp_path, single, world, reshard, gc):
     save = world == 3 and reshard == 1  # the adapter gathered from uneven shards
     ranks = _run(f"reshard={reshard},gc={gc}" + (",save=1" if save else ""), tmp_path, world)
     ref = single[gc]
-    # 2 ranks: fp32 reorder only; 3: the batch split in three moves bf16 roundings in the experts (tolerances.py)
-    loss_tol, param_tol = (DIST_REORDER_REL, DIST_REORDER_REL) if world == 2 else (DIST_EP_LOSS_REL,
-                                                                                 DIST_EP_ADAPTER_REL)
+    # the first step precedes any update: a pure fp32 reorder over 2 ranks; after it the reordered sums can move
+    # bf16 roundings in the experts, and over 3 ranks the split does from the start (tolerances.py)
     for r, res in enumerate(ranks):
-        _close(res["losses"], ref["losses"], f"rank {r} losses", loss_tol)
+        if world == 2:
+            _close(res["losses"][:1], ref["losses"][:1], f"rank {r} first loss", DIST_REORDER_REL)
+        _close(res["losses"], ref["losses"], f"rank {r} losses", DIST_EP_LOSS_REL)
         assert set(res["params"]) == set(ref["params"])
         for n, p in ref["params"].items():  # expert LoRA and attention LoRA, gathered whole
-            _close(res["params"][n], p, f"rank {r} {n}", param_tol)
+            _close(res["params"][n], p, f"rank {r} {n}", DIST_EP_ADAPTER_REL)
             assert torch.equal(res["params"][n], ranks[0]["params"][n]), f"rank {r} {n}"
     assert any("experts" in n for n in ref["params"])
     assert set(ranks[0]["shards"]) == set(ref["params"])  # every trainable parameter sharded
@@ -71,7 +72,7 @@ def test_fsdp2_equals_one_process(tmp_path, single, world, reshard, gc):
         want = load_file(os.path.join(ref["dir"], "adapter", "adapter_model.safetensors"))
         assert sorted(got) == sorted(want) and any("experts" in k for k in got)
         for k in want:
-            _close(got[k], want[k], k, param_tol)
+            _close(got[k], want[k], k, DIST_EP_ADAPTER_REL)
 
 
 def test_dtensor_outside_forward_is_refused_and_save_adapter_writes_one_adapter(tmp_path, single):
@@ -83,7 +84,7 @@ def test_dtensor_outside_forward_is_refused_and_save_adapter_writes_one_adapter(
     want = load_file(os.path.join(single[0]["dir"], "adapter", "adapter_model.safetensors"))
     assert sorted(got) == sorted(want) and any("experts" in k for k in got)
     for k in want:
-        _close(got[k], want[k], k)
+        _close(got[k], want[k], k, DIST_EP_ADAPTER_REL)  # trained 3 steps: see tolerances.py
     cfg = [json.load(open(os.path.join(d, "adapter", "adapter_config.json"))) for d in (tmp_path, single[0]["dir"])]
     for c in cfg:
         c["target_modules"] = sorted(c["target_modules"])  # a set in PEFT: its order is per process

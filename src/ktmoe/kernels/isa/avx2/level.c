@@ -9,18 +9,10 @@
 #include "panel.h"
 #include "qdot.h"
 
-/* bf16 B: the register-blocked kernel; fp32 B (the small LoRA matrices): the generic exact-fp32 path. (A
- * register-blocked fp32-B kernel, gemm.h's 3 x 4 block with A widened in order, ran 2.7x the generic loop on
- * Zen 3, but the one-process reference of tests/test_fsdp.py then left its 2-rank FSDP2 run by 5e-6 instead of
- * 3e-8 in the LoRA params after 3 steps (its step-1 loss moved by 3e-7; the 2-rank run did not change at all).
- * Not adopted until that is understood.) */
+/* bf16 or fp32 B (the LoRA matrices): the register-blocked kernels. */
 static void gemm_nt_avx2(int M, int N, int K, const bf16_t *const *a, const void *b, size_t ldb, int b_is_f32,
                          float *c, size_t ldc) {
-    if (M <= 0 || N <= 0) return;
-    if (b_is_f32)
-        gemm_nt(M, N, K, a, b, ldb, 1, c, ldc);
-    else
-        kt_avx2_gemm_nt_bf16(M, N, K, a, (const bf16_t *)b, ldb, c, ldc);
+    if (M > 0 && N > 0) kt_avx2_gemm_nt(M, N, K, a, b, ldb, b_is_f32, c, ldc);
 }
 
 /* Up to one row block (small batches: bandwidth-bound), B is streamed row by row in whole cache lines: one

@@ -54,9 +54,6 @@ KT2_AI void kt2_transpose8(__m256 r[8]) {
 KT2_AI __m256 kt2_load8(const int f32, const void *p) {
     return f32 ? _mm256_loadu_ps((const float *)p) : kt2_widen8((const bf16_t *)p);
 }
-KT2_AI float kt2_load1(const int f32, const void *p, size_t i) {
-    return f32 ? ((const float *)p)[i] : kt_bf(((const bf16_t *)p)[i]);
-}
 #define KT2_AT(f32, p, i) (const void *)((f32) ? (const char *)(p) + 4 * (i) : (const char *)(p) + 2 * (i))
 
 /* NT: nrows <= 16 output rows of K values (stride ld) -> one panel [K][16], zero past nrows. */
