@@ -65,7 +65,8 @@ def test_decode_slot(level, fmt, group, rows_cols):
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("slot", ["bop_nt", "bop_nn", "bop_px"])
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("group", [0, 32], ids=["per_row", "g32"])
+# g12: scale blocks shorter than a vector and off the 8-column grid (levels that decode 8 codes at a time)
+@pytest.mark.parametrize("group", [0, 32, 12], ids=["per_row", "g32", "g12"])
 @pytest.mark.parametrize("shape", BOP_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_prepared_operand_slots(level, slot, fmt, group, shape):
     if fmt == "bf16" and group:

@@ -9,9 +9,15 @@
 #ifndef KTMOE_AVX2_OUTER_H
 #define KTMOE_AVX2_OUTER_H
 
-#include "panel.h"
+#include "gemm.h"
 
 #define KT2_OJ 6 /* output rows per block */
+
+/* 8 values of a row: fp32, or bf16 widened. */
+KT2_AI __m256 kt2_load8(const int f32, const void *p) {
+    return f32 ? _mm256_loadu_ps((const float *)p) : kt2_widen8((const bf16_t *)p);
+}
+#define KT2_AT(f32, p, i) (const void *)((f32) ? (const char *)(p) + 4 * (i) : (const char *)(p) + 2 * (i))
 
 /* 16 values of x_p from column n as two vectors (fp32 row or bf16 row); fewer than 16 are zero-padded. */
 KT2_AI void kt2_x16(int is_bf16, const void *row, int nb, __m256 *x0, __m256 *x1) {
