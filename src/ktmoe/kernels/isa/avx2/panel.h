@@ -10,8 +10,9 @@
  * (rows = outputs, K contiguous) are transposed 8 x 8 on the way; NN blocks (rows = k) are widened row by
  * row. INT8 / INT4 / INT4_1 codes are decoded 8 at a time straight into those vectors (an fp32 row buffer
  * in between, 128 KB per 16 rows of H = 2048, went through L2 and back: Zen 3, T=1024, one process, the
- * quantized steps 1.10-1.12x BF16's time before, 0.98-1.04x after). bop_gemm converts the rows of A to fp32 per chunk of KT2_KC values of k, then runs the micro-kernel,
- * 6 rows x 16 columns = 12 accumulators, per k: 2 panel loads, 6 broadcasts of A, 12 FMAs. Panels outer (a
+ * quantized steps 1.10-1.12x BF16's time before, 0.98-1.04x after). bop_gemm converts the rows of A to fp32
+ * per chunk of KT2_KC values of k, then runs the micro-kernel, 6 rows x 16 columns = 12 accumulators, per
+ * k: 2 panel loads, 6 broadcasts of A, 12 FMAs. Panels outer (a
  * panel's chunk, 16 KB, stays in L1 while every row block passes over it), row blocks inner. The first chunk
  * of k overwrites C, the later ones accumulate. While it runs, it prefetches the rows of the block the stage
  * names as next (kt_bop.next), a few per micro-kernel call: NN blocks are rows a matrix row apart, which
