@@ -454,22 +454,6 @@ typedef struct { int e, blk, n0, nb; } nnblock;
 
 static int nn_tasks(const stage_args *a, int nblk) { return a->nnarrow * nblk + a->nactive - a->nnarrow; }
 
-static nnblock nnblock_of(const stage_args *a, int task, int nblk, int w, int cols);
-
-/* Rows [0, nr) of matrix m under the column block of the task this thread likely runs next (the part's
- * threads take its tasks in order: task + threads per part), for kt_bop.next; none past the column-block
- * tasks (whole-row tasks stream their weights anyway). Zen 3, T=1024, 2 threads: backward INT8 1130 -> 872
- * ms, INT4 1135 -> 958, BF16 bwd_down_act 267 -> 243. */
-static kt_wblock nn_next(const stage_args *a, int task, int nblk, int w, int cols, const kt_wmat *m, int nr) {
-    kt_wblock nx = {0};
-    int t = task + a->ahead;
-    if (t < a->nnarrow * nblk) {
-        nnblock b = nnblock_of(a, t, nblk, w, cols);
-        nx = (kt_wblock){m, b.e, 0, nr, b.n0, b.nb};
-    }
-    return nx;
-}
-
 static nnblock nnblock_of(const stage_args *a, int task, int nblk, int w, int cols) {
     nnblock b;
     int narrow = a->nnarrow * nblk;
@@ -485,6 +469,20 @@ static nnblock nnblock_of(const stage_args *a, int task, int nblk, int w, int co
         b.nb = cols;
     }
     return b;
+}
+
+/* Rows [0, nr) of matrix m under the column block of the task this thread likely runs next (the part's
+ * threads take its tasks in order: task + threads per part), for kt_bop.next; none past the column-block
+ * tasks (whole-row tasks stream their weights anyway). Zen 3, T=1024, 2 threads: backward INT8 1130 -> 872
+ * ms, INT4 1135 -> 958, BF16 bwd_down_act 267 -> 243. */
+static kt_wblock nn_next(const stage_args *a, int task, int nblk, int w, int cols, const kt_wmat *m, int nr) {
+    kt_wblock nx = {0};
+    int t = task + a->ahead;
+    if (t < a->nnarrow * nblk) {
+        nnblock b = nnblock_of(a, t, nblk, w, cols);
+        nx = (kt_wblock){m, b.e, 0, nr, b.n0, b.nb};
+    }
+    return nx;
 }
 
 /* Down GEMM with LoRA, scaled by the routing weight, into the part's per-pair buffer [npairs, H].
