@@ -1,7 +1,8 @@
 /* The avx2 level: the generic C vectorized by the compiler for AVX2 + FMA (this file's flags), with
  * register-blocked bf16 GEMM kernels in place (gemm.h) for small batches and the packed-panel GEMM
- * (panel.h) for blocks used by at least blk.pack_min_m rows; quantized weights decoded to exact fp32 rows, and
- * the few-row quantized products fused with that decode (qdot.h); LoRA products with 12 accumulators (outer.h). */
+ * (panel.h) for blocks used by at least blk.pack_min_m rows (quantized weights decoded straight into its fp32
+ * panels), the few-row quantized products decoding in registers (qdot.h); LoRA products with 12 accumulators
+ * (outer.h); the LoRA A products (fp32 B) register-blocked too (gemm.h). */
 #include "../../core/cpu.h"
 #include "../../generic/level.h"
 #include "gemm.h"
